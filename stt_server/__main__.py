@@ -1,0 +1,55 @@
+"""``stt-server``: parse settings, set up logging, serve until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .config import Config, ConfigError
+from .server import serve
+
+log = logging.getLogger("stt_server")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run(config: Config) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(functools.partial(serve, config, shutdown=shutdown))
+
+            async for signum in signals:
+                log.info(
+                    "received %s: shutting down (grace %.1f s)",
+                    signal.Signals(signum).name,
+                    config.shutdown_grace,
+                )
+                shutdown.set()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = Config.from_sources(argv)
+    except ConfigError as exc:
+        print(f"stt-server: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    trio.run(run, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

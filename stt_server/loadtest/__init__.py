@@ -1,0 +1,1 @@
+"""Client-side tools: a streaming client, WER scoring, and (later) the load tester."""

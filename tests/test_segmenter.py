@@ -1,0 +1,131 @@
+"""Endpointing rules, driven window by window with chosen speech probabilities."""
+
+import numpy as np
+import pytest
+
+from stt_server.segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
+from stt_server.vad import WINDOW
+
+SETTINGS = SegmenterSettings(threshold=0.5, min_silence=0.6, max_utterance=5.0,
+                             speech_pad=0.3, partial_interval=0.5)
+W = WINDOW / 16000  # seconds per window
+
+
+def feed(seg: Segmenter, probs: list[float], value: float = 0.1) -> list:
+    events = []
+    for i, p in enumerate(probs):
+        # Each window carries its own index so tests can check which audio ended up where.
+        events += seg.push(np.full(WINDOW, value + i * 1e-6, dtype=np.float32), p)
+    return events
+
+
+def secs(seconds: float) -> int:
+    return round(seconds / W)
+
+
+def ended(events: list) -> list[UtteranceEnded]:
+    return [e for e in events if isinstance(e, UtteranceEnded)]
+
+
+def test_silence_and_noise_below_threshold_open_nothing() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.0] * secs(10) + [0.3, 0.49] * secs(5))
+    assert events == []
+    assert seg.open_utterance_id is None
+    assert seg.flush() == []
+
+
+def test_speech_then_silence_gives_one_utterance_with_times_and_padding() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.0] * secs(1.0) + [0.9] * secs(2.0) + [0.0] * secs(1.0))
+    (utt,) = ended(events)
+    assert utt.utterance_id == 1 and utt.reason == "silence"
+    # Starts one pad (plus the triggering window) before the speech, ends one pad after it.
+    assert utt.start == pytest.approx(1.0 - 0.3, abs=2 * W)
+    assert utt.end == pytest.approx(3.0 + 0.3, abs=2 * W)
+    assert utt.audio.size == pytest.approx((utt.end - utt.start) * 16000, abs=1)
+    assert utt.speech == pytest.approx(2.0, abs=2 * W)
+    assert seg.open_utterance_id is None
+
+
+def test_a_pause_shorter_than_min_silence_does_not_split() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.9] * secs(1) + [0.0] * secs(0.5) + [0.9] * secs(1) + [0.0] * secs(1))
+    assert len(ended(events)) == 1
+
+
+def test_hysteresis_between_thresholds_neither_opens_nor_keeps_alive() -> None:
+    seg = Segmenter(SETTINGS)
+    # 0.4 is between neg_threshold (0.35) and threshold: it cannot open an utterance...
+    assert feed(seg, [0.4] * secs(2)) == []
+    # ...and once a silent run has started it counts as silence, so this utterance ends.
+    events = feed(seg, [0.9] * secs(1) + [0.1] + [0.4] * secs(1))
+    assert len(ended(events)) == 1
+
+
+def test_consecutive_utterances_get_increasing_ids_and_session_times() -> None:
+    seg = Segmenter(SETTINGS)
+    pattern = [0.9] * secs(1) + [0.0] * secs(1)
+    utts = ended(feed(seg, pattern * 3))
+    assert [u.utterance_id for u in utts] == [1, 2, 3]
+    assert [round(u.start) for u in utts] == [0, 2, 4]
+    assert all(a.end < b.start for a, b in zip(utts, utts[1:]))
+
+
+def test_long_speech_is_cut_at_max_utterance_at_the_last_pause() -> None:
+    seg = Segmenter(SETTINGS)
+    # 3.5 s speech, a 0.3 s pause (too short to end it), then speech on past 5 s.
+    probs = [0.9] * secs(3.5) + [0.0] * secs(0.3) + [0.9] * secs(4)
+    events = feed(seg, probs)
+    (first,) = ended(events)
+    assert first.reason == "max_length"
+    assert first.end - first.start <= SETTINGS.max_utterance
+    assert first.end == pytest.approx(3.8, abs=2 * W)  # cut inside the pause, not mid-word
+    assert seg.open_utterance_id == 2  # the rest goes on as the next utterance
+    (second,) = seg.flush()
+    assert second.start == pytest.approx(first.end, abs=1e-9)  # nothing lost at the cut
+    assert second.end == pytest.approx(3.5 + 0.3 + 4, abs=2 * W)
+
+
+def test_uninterrupted_speech_is_cut_hard_and_never_exceeds_the_window() -> None:
+    seg = Segmenter(SETTINGS)
+    utts = ended(feed(seg, [0.9] * secs(12)))
+    assert len(utts) == 2
+    assert all(u.end - u.start <= SETTINGS.max_utterance + 1e-9 for u in utts)
+    assert utts[0].end == utts[1].start
+
+
+def test_partials_come_every_partial_interval_of_new_audio() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.9] * secs(2.6))
+    partials = [e for e in events if isinstance(e, PartialDue)]
+    assert 4 <= len(partials) <= 6
+    sizes = [p.audio.size for p in partials]
+    assert sizes == sorted(sizes)  # each covers the whole utterance so far
+    assert all(d == pytest.approx(0.5 * 16000, abs=WINDOW) for d in np.diff(sizes))
+    assert all(p.utterance_id == 1 for p in partials)
+
+
+def test_partial_audio_is_a_copy() -> None:
+    seg = Segmenter(SETTINGS)
+    partial = next(e for e in feed(seg, [0.9] * secs(1)) if isinstance(e, PartialDue))
+    before = partial.audio.copy()
+    feed(seg, [0.0] * secs(1) + [0.9] * secs(1), value=0.7)  # reuses the buffer
+    np.testing.assert_array_equal(partial.audio, before)
+
+
+def test_flush_closes_the_open_utterance_and_only_that() -> None:
+    seg = Segmenter(SETTINGS)
+    feed(seg, [0.0] * secs(1) + [0.9] * secs(1))
+    seg.append_tail(np.zeros(100, dtype=np.float32))
+    (utt,) = seg.flush()
+    assert utt.reason == "flush"
+    assert seg.flush() == []
+    # pre-roll + speech + the samples short of a window
+    assert utt.audio.size == pytest.approx((0.3 + 1.0) * 16000 + 100, abs=WINDOW)
+
+
+def test_memory_is_bounded_by_max_utterance() -> None:
+    seg = Segmenter(SETTINGS)
+    feed(seg, [0.9] * secs(60))
+    assert seg._buf.size == SETTINGS.max_utterance * 16000
