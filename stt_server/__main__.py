@@ -22,6 +22,9 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # faster-whisper logs every call at INFO; at our request rate that would drown the journal.
+    if level != "debug":
+        logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 
 async def run(config: Config) -> None:

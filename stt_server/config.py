@@ -238,11 +238,8 @@ class Config:
         """Flags win over the config file, which wins over the defaults."""
         args = build_arg_parser().parse_args(argv)
         base = cls.from_toml(Path(args.config)) if args.config else cls()
-        overrides = {
-            f.name: getattr(args, f.name)
-            for f in attrs.fields(cls)
-            if getattr(args, f.name) is not None
-        }
+        # Flags default to SUPPRESS, so only those given on the command line are present.
+        overrides = {k: v for k, v in vars(args).items() if k != "config"}
         try:
             return attrs.evolve(base, **overrides)
         except (TypeError, ValueError) as exc:
@@ -273,7 +270,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             flag,
             dest=field.name,
             type=_flag_type(field),
-            default=None,
+            default=argparse.SUPPRESS,
             metavar=field.metadata.get("metavar") or field.name.upper(),
             help=f"{field.metadata['help']} (default: {field.default!r})",
         )

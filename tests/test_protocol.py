@@ -79,11 +79,27 @@ def test_bad_messages_raise_the_documented_code(message, code) -> None:
 
 def test_server_messages_match_the_contract() -> None:
     assert json.loads(session_message("abc", 16000, "tiny.en")) == {
-        "type": "session", "session_id": "abc", "sample_rate": 16000, "model": "tiny.en"}
+        "type": "session",
+        "session_id": "abc",
+        "sample_rate": 16000,
+        "model": "tiny.en",
+    }
     assert json.loads(realtime_message("hel", 3)) == {
-        "type": "realtime", "text": "hel", "utterance_id": 3}
+        "type": "realtime",
+        "text": "hel",
+        "utterance_id": 3,
+    }
     assert json.loads(completed_message("hello", 3, 12.4812, 15.0249)) == {
-        "type": "completed", "text": "hello", "utterance_id": 3, "start": 12.48, "end": 15.02}
+        "type": "completed",
+        "text": "hello",
+        "utterance_id": 3,
+        "start": 12.48,
+        "end": 15.02,
+    }
     assert json.loads(error_message("server_busy", "full", retry_after=5.0)) == {
-        "type": "error", "code": "server_busy", "message": "full", "retry_after": 5.0}
+        "type": "error",
+        "code": "server_busy",
+        "message": "full",
+        "retry_after": 5.0,
+    }
     assert "retry_after" not in json.loads(error_message("invalid_audio", "odd"))

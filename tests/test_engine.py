@@ -1,0 +1,131 @@
+"""Scheduling rules of the engine, with a model whose speed the test controls.
+
+A real model cannot show ordering: these tests need to hold the worker busy while requests
+queue up, so the model here blocks on a threading.Event (it still runs on the engine's worker
+thread through trio.to_thread, as the real one does).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import attrs
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from stt_server.engine import Engine, TranscribeOptions
+
+from .conftest import wait_until
+
+FINAL = TranscribeOptions(final=True)
+PARTIAL = TranscribeOptions(final=False)
+
+
+@attrs.define
+class GatedModel:
+    name: str = "gated"
+    gate: threading.Event = attrs.Factory(threading.Event)
+    calls: list[str] = attrs.Factory(list)
+    threads: set[int] = attrs.Factory(set)
+    fail_with: Exception | None = None
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        self.threads.add(threading.get_ident())
+        self.gate.wait(10)
+        label = f"{'final' if options.final else 'partial'}:{int(audio[0])}"
+        self.calls.append(label)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return label
+
+
+def tagged(n: int) -> np.ndarray:
+    return np.full(4, n, dtype=np.float32)
+
+
+async def test_finals_jump_the_queue_and_partials_coalesce_per_session() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=1)
+    results: dict[str, object] = {}
+
+    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
+        results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "blocker", 0, PARTIAL, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics().busy == 1
+        nursery.start_soon(ask, "a-partial-old", 1, PARTIAL, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "b-partial", 2, PARTIAL, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "a-partial-new", 3, PARTIAL, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "c-final", 4, FINAL, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics()
+        assert (stats.queued_finals, stats.queued_partials) == (1, 2)
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 5)
+        nursery.cancel_scope.cancel()
+
+    assert results["a-partial-old"] is None  # superseded by session a's newer partial
+    # The final came last but ran first; then partials in arrival order of their sessions.
+    assert model.calls == ["partial:0", "final:4", "partial:2", "partial:3"]
+    assert results["c-final"].text == "final:4"
+    assert results["c-final"].queued >= 0 and results["c-final"].inference >= 0
+    assert engine.statistics().partials_superseded == 1
+
+
+async def test_a_cancelled_waiter_takes_its_request_out_of_the_queue() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(functools.partial(engine.transcribe, tagged(0), FINAL, owner="a"))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.05):
+            await engine.transcribe(tagged(1), FINAL, owner="b")
+        assert engine.statistics().queued_finals == 0
+        model.gate.set()
+        await engine.transcribe(tagged(2), FINAL, owner="c")
+        nursery.cancel_scope.cancel()
+    assert model.calls == ["final:0", "final:2"]
+
+
+async def test_model_errors_reach_the_caller_and_the_engine_keeps_serving() -> None:
+    model = GatedModel(fail_with=RuntimeError("CUDA failed"))
+    model.gate.set()
+    engine = Engine(model, device="cpu", workers=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        with pytest.raises(RuntimeError, match="CUDA failed"):
+            await engine.transcribe(tagged(1), FINAL, owner="a")
+        model.fail_with = None
+        result = await engine.transcribe(tagged(2), FINAL, owner="a")
+        nursery.cancel_scope.cancel()
+    assert result.text == "final:2"
+    assert engine.statistics().failures == 1
+
+
+async def test_inference_runs_on_worker_threads_up_to_the_limiter() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        for i in range(4):
+            nursery.start_soon(functools.partial(engine.transcribe, tagged(i), FINAL, owner=i))
+        await trio.sleep(0.2)
+        stats = engine.statistics()
+        assert stats.busy == 2 and stats.queued_finals == 2
+        assert engine.limiter.borrowed_tokens == 2
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: engine.statistics().finals_done == 4)
+        nursery.cancel_scope.cancel()
+    assert threading.get_ident() not in model.threads
