@@ -81,6 +81,26 @@ def _optional_text(value: str) -> str | None:
     return value or None
 
 
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _simulation_spec(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value:
+        return
+    from .gpu import SimulatedSource
+
+    try:
+        SimulatedSource.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{attribute.name}: {exc}") from None
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """All server settings. Build with :meth:`from_sources` (CLI + TOML) or directly in tests."""
@@ -119,6 +139,39 @@ class Config:
     partial_beam_size: int = _setting(1, "beam size for partial transcripts", validator=_positive)
     inference_timeout: float = _setting(
         60.0, "seconds a session waits for one transcription", validator=_positive
+    )
+
+    # --- GPU monitor and admission ----------------------------------------------------------
+    enable_gpu_monitoring: bool = _setting(
+        True,
+        "place sessions on GPUs by VRAM headroom read from NVML (when GPUs are present)",
+        parse=_parse_bool,
+        metavar="BOOL",
+    )
+    memory_threshold: float = _setting(
+        85.0,
+        "percent of a GPU's memory above which it takes no new sessions (and its breaker opens)",
+        validator=_between(1.0, 100.0),
+    )
+    memory_per_user: float = _setting(
+        500.0, "MB of GPU memory budgeted per session", validator=_positive
+    )
+    reserve_memory: float = _setting(
+        1000.0, "MB of each GPU never handed out to sessions", validator=_non_negative
+    )
+    check_interval: float = _setting(10.0, "seconds between GPU readings", validator=_positive)
+    breaker_failures: int = _setting(
+        3, "consecutive inference failures that open a GPU's circuit breaker", validator=_positive
+    )
+    breaker_cooldown: float = _setting(
+        30.0, "seconds an open breaker waits before one trial session decides", validator=_positive
+    )
+    simulate_gpus: str = _setting(
+        "",
+        "testing and capacity-planning aid: replace NVML with simulated GPUs given as "
+        "TOTAL_MB:USED_MB,... (e.g. 24576:2000,24576:20000); their inference runs on the CPU",
+        validator=_simulation_spec,
+        metavar="SPEC",
     )
 
     # --- utterance segmentation --------------------------------------------------------------
@@ -205,6 +258,8 @@ class Config:
         coerced = {}
         for name, value in values.items():
             expected = type(known[name].default)
+            if isinstance(value, bool) and expected is not bool:
+                raise ConfigError(f"{source}: {name} must be {expected.__name__}, got bool")
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if (

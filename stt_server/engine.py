@@ -109,6 +109,8 @@ class Engine:
         self._partials_done = 0
         self._superseded = 0
         self._failures = 0
+        #: Told the outcome of every inference (None = success); feeds the device's breaker.
+        self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests until cancelled. Start with ``nursery.start(engine.run)``."""
@@ -177,6 +179,7 @@ class Engine:
             self._failures += 1
             log.warning("inference failed on %s: %s", self.device, exc)
             job.finish(error=exc)
+            self.on_outcome(exc)
             return
         finally:
             self._busy -= 1
@@ -187,6 +190,7 @@ class Engine:
         job.finish(
             Transcript(text, queued=started - job.submitted, inference=self._clock() - started)
         )
+        self.on_outcome(None)
 
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(

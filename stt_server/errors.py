@@ -25,6 +25,8 @@ class ErrorCode(str, enum.Enum):
     GOING_AWAY = "going_away"
     IDLE_TIMEOUT = "idle_timeout"
     TRANSCRIPTION_FAILED = "transcription_failed"
+    #: Informational: the session's GPU failed and it continues on another one.
+    DEVICE_CHANGED = "device_changed"
 
 
 class CloseCode(enum.IntEnum):

@@ -1,13 +1,15 @@
 """Accepting connections: handshake, admission, and the lifetime of every session.
 
-Nurseries are layered by lifetime (as in hypercorn): :func:`serve` owns the engine, which must
-outlive every session because draining sessions still need their finals transcribed; the
-:class:`Server` owns the listeners and one handler task per connection; each handler owns the
-WebSocket's reader task and the :class:`~stt_server.session.Session` nursery.
+Nurseries are layered by lifetime (as in hypercorn): :func:`serve` owns the devices (engines
+and the GPU monitor), which must outlive every session because draining sessions still need
+their finals transcribed; the :class:`Server` owns the listeners and one handler task per
+connection; each handler owns the WebSocket's reader task and the
+:class:`~stt_server.session.Session` nursery.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import secrets
@@ -17,13 +19,14 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from .admission import Decision, RefusalReason
 from .config import Config
-from .engine import Engine, EngineStatistics, SpeechModel
+from .devices import Device, DevicePool, DeviceStatistics, open_pool
+from .engine import SpeechModel
 from .errors import CloseCode, ErrorCode
 from .protocol import error_message
 from .session import CLOSE_TIMEOUT, CloseRequest, LanguageCheck, Session, SessionStatistics
 from .vad import SileroModel
-from .whisper import WhisperModel, cuda_device_count
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,9 @@ class ServerStatistics:
     draining: bool
     max_connections: int
     accepted: int
-    refused: int
+    refused: dict[str, int]
     sessions: tuple[SessionStatistics, ...]
-    engine: EngineStatistics
+    devices: tuple[DeviceStatistics, ...]
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -59,21 +62,26 @@ class Server:
     def __init__(
         self,
         config: Config,
-        engine: Engine,
+        pool: DevicePool,
         vad_model: SileroModel,
         *,
         model_name: str,
         multilingual: bool,
     ) -> None:
         self.config = config
-        self.engine = engine
+        self.pool = pool
+        pool.on_device_lost = self._device_lost
         self._vad_model = vad_model
         self._model_name = model_name
         self._language_check = LanguageCheck(multilingual)
         self.sessions: dict[str, Session] = {}
+        self._placement: dict[str, Device] = {}
+        # Handshakes past the max_connections check but still awaiting GPU admission: they hold
+        # a slot, so concurrent arrivals cannot overshoot the limit while readings are taken.
+        self._admitting = 0
         self._draining = False
         self._accepted = 0
-        self._refused = 0
+        self._refused: collections.Counter[str] = collections.Counter()
         self._listen_scope = trio.CancelScope()
         self._session_ended = trio.lowlevel.ParkingLot()
         self._listening: tuple[tuple[str, int], ...] = ()
@@ -149,64 +157,87 @@ class Server:
                 connection.cancel_scope.cancel()
 
     async def _refuse(
-        self,
-        ws: WebSocketConnection,
-        peer: str,
-        code: ErrorCode,
-        close: CloseCode,
-        message: str,
-        retry_after: float | None,
+        self, ws: WebSocketConnection, peer: str, reason: RefusalReason, message: str
     ) -> None:
-        self._refused += 1
-        log.info("refused %s: %s (%s)", peer, code.value, message)
+        """Tell a client why it cannot have a session (``server_busy``), then close 1013."""
+        self._refused[reason.value] += 1
+        log.info("refused %s: %s (%s)", peer, reason.value, message)
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
-                await ws.send_message(error_message(code.value, message, retry_after=retry_after))
+                await ws.send_message(
+                    error_message(
+                        ErrorCode.SERVER_BUSY.value, message, retry_after=RETRY_AFTER_BUSY
+                    )
+                )
             except ConnectionClosed:
                 return
-            await ws.aclose(int(close), message)
+            await ws.aclose(int(CloseCode.TRY_AGAIN_LATER), message[:120])
 
     async def _serve_client(self, ws: WebSocketConnection, peer: str) -> None:
         if self._draining:
             await self._refuse(
-                ws,
-                peer,
-                ErrorCode.SERVER_BUSY,
-                CloseCode.TRY_AGAIN_LATER,
-                "server is draining; try another instance",
-                RETRY_AFTER_BUSY,
+                ws, peer, RefusalReason.DRAINING, "server is draining; try another instance"
             )
             return
-        if len(self.sessions) >= self.config.max_connections:
+        if len(self.sessions) + self._admitting >= self.config.max_connections:
             await self._refuse(
                 ws,
                 peer,
-                ErrorCode.SERVER_BUSY,
-                CloseCode.TRY_AGAIN_LATER,
+                RefusalReason.MAX_CONNECTIONS,
                 f"server is at its limit of {self.config.max_connections} sessions",
-                RETRY_AFTER_BUSY,
             )
             return
         session_id = secrets.token_hex(8)
+        self._admitting += 1
+        try:
+            placed = await self.pool.admit(session_id)
+        finally:
+            self._admitting -= 1
+        if isinstance(placed, Decision):
+            assert placed.refusal is not None
+            await self._refuse(ws, peer, placed.refusal, placed.message)
+            return
         session = Session(
             ws,
             session_id=session_id,
             peer=peer,
             config=self.config,
-            engine=self.engine,
+            engine=placed.engine,
             vad_model=self._vad_model,
             model_name=self._model_name,
             language_check=self._language_check,
         )
-        # Registered before the first checkpoint, so the max_connections check above and this
-        # insert are atomic with respect to other handlers.
         self.sessions[session_id] = session
+        self._placement[session_id] = placed
         self._accepted += 1
         try:
             await session.run()
         finally:
             del self.sessions[session_id]
+            self.pool.release(session_id, self._placement.pop(session_id))
             self._session_ended.unpark_all()
+
+    def _device_lost(self, device: Device, reason: str) -> None:
+        """A device's breaker opened: move its sessions elsewhere, or end them cleanly."""
+        for session_id in list(device.sessions):
+            session = self.sessions.get(session_id)
+            if session is None:
+                continue  # still being admitted; its first inference will tell
+            target = self.pool.relocate(session_id, device)
+            if target is not None:
+                self._placement[session_id] = target
+                session.move_to(
+                    target.engine, f"{device.label} failed ({reason}); moved to {target.label}"
+                )
+            else:
+                device.sessions.add(session_id)  # it stays until it has closed
+                session.close(
+                    CloseRequest(
+                        CloseCode.TRY_AGAIN_LATER,
+                        ErrorCode.SERVER_BUSY,
+                        f"{device.label} failed ({reason}) and no other device has room",
+                    )
+                )
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -214,19 +245,10 @@ class Server:
             draining=self._draining,
             max_connections=self.config.max_connections,
             accepted=self._accepted,
-            refused=self._refused,
+            refused=dict(self._refused),
             sessions=tuple(s.statistics() for s in self.sessions.values()),
-            engine=self.engine.statistics(),
+            devices=self.pool.statistics(),
         )
-
-
-def pick_device(config: Config) -> str:
-    if config.device != "auto":
-        return config.device
-    if cuda_device_count() > 0:
-        return "cuda"
-    log.info("no CUDA device found: running inference on the CPU")
-    return "cpu"
 
 
 async def serve(
@@ -241,15 +263,18 @@ async def serve(
     ``model`` lets tests share one loaded model between servers; normally it is loaded here.
     """
     vad_model = SileroModel()
-    if model is None:
-        device = pick_device(config)
-        model = await trio.to_thread.run_sync(lambda: WhisperModel.load(config, device=device))
-    multilingual = bool(getattr(model, "is_multilingual", False))
-    engine = Engine(model, device=getattr(model, "device", "cpu"), workers=config.inference_workers)
+    pool = await open_pool(config, model)
+    first = pool.devices[0].engine.model
     shutdown = trio.Event() if shutdown is None else shutdown
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        server = Server(config, engine, vad_model, model_name=model.name, multilingual=multilingual)
+        await nursery.start(pool.run)
+        server = Server(
+            config,
+            pool,
+            vad_model,
+            model_name=first.name,
+            multilingual=bool(getattr(first, "is_multilingual", False)),
+        )
         await nursery.start(server.serve)
         task_status.started(server)
         await shutdown.wait()

@@ -18,6 +18,7 @@ client that stopped reading) cancels everything at once, because nobody is left 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from .audio import Resampler, pcm16_to_float
 from .config import Config
 from .context import RecentSpeech
-from .engine import Engine, TranscribeOptions
+from .engine import Engine, TranscribeOptions, Transcript
 from .errors import (
     MAX_CONSECUTIVE_ERRORS,
     CloseCode,
@@ -193,6 +194,13 @@ class Session:
                 self._utterances,
                 self._errors_total,
             )
+
+    def move_to(self, engine: Engine, why: str) -> None:
+        """Continue on another device (its old one failed); the client is told, not closed."""
+        self._engine = engine
+        log.warning("session %s: %s", self.session_id, why)
+        with contextlib.suppress(OutboxOverflow, trio.ClosedResourceError):
+            self._outbox.put(error_message(ErrorCode.DEVICE_CHANGED.value, why))
 
     def close(self, request: CloseRequest) -> None:
         """Ask the session to end gracefully (server shutdown, operator kick)."""
@@ -391,7 +399,7 @@ class Session:
         audio, options = self._request(ended.audio, final=True)
         try:
             with trio.fail_after(self._config.inference_timeout):
-                transcript = await self._engine.transcribe(audio, options, owner=self)
+                transcript = await self._transcribe_final(audio, options)
         except trio.TooSlowError:
             self._report_failure(ended.utterance_id, "timed out")
             return
@@ -408,6 +416,19 @@ class Session:
             completed_message(text, ended.utterance_id, ended.start, ended.end),
             ended.utterance_id,
         )
+
+    async def _transcribe_final(
+        self, audio: np.ndarray, options: TranscribeOptions
+    ) -> Transcript | None:
+        engine = self._engine
+        try:
+            return await engine.transcribe(audio, options, owner=self)
+        except Exception:
+            if self._engine is engine:
+                raise
+            # The device failed under this request and the session has been moved: a final
+            # is owed, so it gets one more try on the new device.
+            return await self._engine.transcribe(audio, options, owner=self)
 
     def _request(self, audio: np.ndarray, *, final: bool) -> tuple[np.ndarray, TranscribeOptions]:
         audio, context_samples, prefix = self._recent.prepend(audio)

@@ -64,3 +64,13 @@ def test_bad_flag_value_exits_with_a_message() -> None:
 
 def test_empty_language_means_detect() -> None:
     assert Config.from_sources(["--language", ""]).language is None
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    import attrs
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [f.name for f in attrs.fields(Config) if f"`{f.name}`" not in readme]
+    assert not missing, f"settings missing from the README table: {missing}"
