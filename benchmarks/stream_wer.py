@@ -47,13 +47,15 @@ async def main(config: Config, model: WhisperModel, clips: list[dict[str, str]])
         for row in clips:
             samples = read_wav(DATA / row["file"])
             result = await stream_audio(f"ws://127.0.0.1:{server.port}/", samples, speed=0)
-            segments, _ = model._model.transcribe(samples.astype(np.float32) / 32768,
-                                                  language="en")
+            segments, _ = model._model.transcribe(samples.astype(np.float32) / 32768, language="en")
             offline = " ".join(s.text for s in segments)
             ref = row["reference_transcript"]
-            print(f"{row['file']:12} streamed {word_error_rate(ref, result.text) * 100:5.1f}%  "
-                  f"offline {word_error_rate(ref, offline) * 100:5.1f}%  "
-                  f"utterances {len(result.finals)}", flush=True)
+            print(
+                f"{row['file']:12} streamed {word_error_rate(ref, result.text) * 100:5.1f}%  "
+                f"offline {word_error_rate(ref, offline) * 100:5.1f}%  "
+                f"utterances {len(result.finals)}",
+                flush=True,
+            )
         stop.set()
 
 

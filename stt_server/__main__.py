@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,9 @@ async def run(config: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # NVML numbers GPUs by PCI bus; CUDA by default puts the fastest first. Without this, the
+    # memory read for GPU n could belong to another device than the one cuda:n runs on.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     try:
         config = Config.from_sources(argv)
     except ConfigError as exc:

@@ -2,9 +2,10 @@
 
 Endpointing at every short pause cuts sentences apart, and Whisper transcribes a fragment like
 "ask not" worse without the words before it (lucier.wav: 10.5% WER streamed without context,
-2.9% with it, 1.0% offline on the whole file). So each request carries the session's last few finished
-utterances in front of the new audio, with the text already sent for them as a forced decoder
-prefix: the model hears the sentence so far and only writes what is new. Bounded in seconds, so
+2.9% with it, 1.0% offline on the whole file). So each request carries the session's last few
+finished utterances in front of the new audio, with the text already sent for them as a forced
+decoder prefix: the model hears the sentence so far and only writes what is new. Bounded in
+seconds, so
 the request still fits Whisper's 30 s window and memory stays flat over a long session.
 """
 
