@@ -5,8 +5,8 @@ Endpointing at every short pause cuts sentences apart, and Whisper transcribes a
 2.9% with it, 1.0% offline on the whole file). So each request carries the session's last few
 finished utterances in front of the new audio, with the text already sent for them as a forced
 decoder prefix: the model hears the sentence so far and only writes what is new. Bounded in
-seconds, so
-the request still fits Whisper's 30 s window and memory stays flat over a long session.
+seconds, so the request still fits Whisper's 30 s window and memory stays flat over a long
+session.
 """
 
 from __future__ import annotations
