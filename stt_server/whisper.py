@@ -63,7 +63,8 @@ class WhisperModel:
 
         source, name = resolve_model(config.model)
         compute_type = resolve_compute_type(config.compute_type, device)
-        log.info("loading model %s on %s:%d (%s)", name, device, device_index, compute_type)
+        label = f"{device}:{device_index}" if device == "cuda" else device
+        log.info("loading model %s on %s (%s)", name, label, compute_type)
         model = faster_whisper.WhisperModel(
             source,
             device=device,
@@ -75,7 +76,7 @@ class WhisperModel:
         )
         return cls(
             name=name,
-            device=f"{device}:{device_index}" if device == "cuda" else device,
+            device=label,
             beam_size=config.beam_size,
             partial_beam_size=config.partial_beam_size,
             model=model,
