@@ -12,20 +12,11 @@ from collections.abc import Sequence
 import trio
 
 from .config import Config, ConfigError
+from .control import ControlError
+from .logs import setup_logging
 from .server import serve
 
 log = logging.getLogger("stt_server")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # faster-whisper logs every call at INFO; at our request rate that would drown the journal.
-    if level != "debug":
-        logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 
 async def run(config: Config) -> None:
@@ -53,8 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"stt-server: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
-    trio.run(run, config)
+    setup_logging(config)
+    failure = None
+    try:
+        trio.run(run, config)
+    except* (ControlError, OSError) as group:
+        # Start-up problems an operator fixes (port taken, socket path in use): one clear line.
+        failure = group.exceptions[0]
+    if failure is not None:
+        log.error("cannot start: %s", failure)
+        return 1
     return 0
 
 

@@ -23,7 +23,7 @@ class AdmissionSettings:
     reserve_memory: float  # MB
 
 
-class RefusalReason(str, enum.Enum):
+class RefusalReason(enum.StrEnum):
     """Why a client was refused; the label of the refusal counters."""
 
     MAX_CONNECTIONS = "max_connections"

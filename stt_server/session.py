@@ -40,6 +40,7 @@ from .errors import (
     MessageTooBig,
     SttError,
 )
+from .metrics import Metrics
 from .outbox import Outbox, OutboxOverflow
 from .protocol import (
     MODEL_SAMPLE_RATE,
@@ -123,8 +124,10 @@ class Session:
         vad_model: SileroModel,
         model_name: str,
         language_check: LanguageCheck,
+        metrics: Metrics,
     ) -> None:
         self.session_id = session_id
+        self._metrics = metrics
         self.peer = peer
         self._ws = ws
         self._config = config
@@ -163,6 +166,7 @@ class Session:
         self._started_wall = time.time()
         self._started = trio.current_time()
         self._close_request: CloseRequest | None = None
+        self._close_after_utterance: CloseRequest | None = None
         self._intake_scope = trio.CancelScope()
         self._finalizer_done = trio.Event()
         self._emitter_done = trio.Event()
@@ -200,7 +204,18 @@ class Session:
         self._engine = engine
         log.warning("session %s: %s", self.session_id, why)
         with contextlib.suppress(OutboxOverflow, trio.ClosedResourceError):
-            self._outbox.put(error_message(ErrorCode.DEVICE_CHANGED.value, why))
+            self._send_error(ErrorCode.DEVICE_CHANGED, why)
+
+    def finish_current_utterance(self, request: CloseRequest) -> None:
+        """Close gracefully once the open utterance has ended by itself (now, if none is open)."""
+        if self._segmenter.open_utterance_id is None:
+            self.close(request)
+        else:
+            self._close_after_utterance = request
+
+    def _send_error(self, code: ErrorCode, message: str) -> None:
+        self._metrics.errors.labels(code.value).inc()
+        self._outbox.put(error_message(code.value, message))
 
     def close(self, request: CloseRequest) -> None:
         """Ask the session to end gracefully (server shutdown, operator kick)."""
@@ -259,7 +274,7 @@ class Session:
         self._finals_send.close()
         await self._finalizer_done.wait()
         if request.error_code is not None:
-            self._outbox.put(error_message(request.error_code.value, request.message))
+            self._send_error(request.error_code, request.message)
         self._outbox.close()
         await self._emitter_done.wait()
 
@@ -303,7 +318,7 @@ class Session:
                 )
                 if exc.close_code is not None:
                     return CloseRequest(exc.close_code, exc.error_code, exc.message)
-                self._outbox.put(error_message(exc.error_code.value, exc.message))
+                self._send_error(exc.error_code, exc.message)
                 if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     return CloseRequest(
                         CloseCode.POLICY_VIOLATION,
@@ -318,7 +333,9 @@ class Session:
             if event.sample_rate is not None:
                 await self._feed(self._resampler.set_rate(event.sample_rate))
             samples = pcm16_to_float(event.pcm)
-            self._audio_in += samples.size / self._resampler.input_rate
+            seconds = samples.size / self._resampler.input_rate
+            self._audio_in += seconds
+            self._metrics.audio_seconds.inc(seconds)
             await self._feed(self._resampler.process(samples))
         elif isinstance(event, ConfigUpdate):
             if event.language is not None:
@@ -372,6 +389,9 @@ class Session:
         except trio.Cancelled:
             self._finals_pending -= 1
             raise
+        if self._close_after_utterance is not None and event.reason != "flush":
+            # Draining: the utterance this session was in has ended by itself, so it may go.
+            self.close(self._close_after_utterance)
 
     # -- recognizer ------------------------------------------------------------------------
     async def _finalizer(self) -> None:
@@ -406,12 +426,18 @@ class Session:
         except Exception as exc:
             self._report_failure(ended.utterance_id, str(exc) or type(exc).__name__)
             return
+        if transcript is not None:
+            self._metrics.observe_transcription(
+                final=True, queued=transcript.queued, inference=transcript.inference
+            )
         text = transcript.text if transcript else ""
         if not text and not shown:
             return  # noise, a cough: the client was never shown anything for it
         self._recent.add(ended.audio, text)
         self._utterances += 1
         self._last_final_latency = trio.current_time() - ended_at
+        self._metrics.utterances.inc()
+        self._metrics.final_latency.observe(self._last_final_latency)
         self._outbox.put_final(
             completed_message(text, ended.utterance_id, ended.start, ended.end),
             ended.utterance_id,
@@ -440,11 +466,9 @@ class Session:
         log.warning(
             "session %s utterance %d: transcription failed: %s", self.session_id, utterance_id, why
         )
-        self._outbox.put(
-            error_message(
-                ErrorCode.TRANSCRIPTION_FAILED.value,
-                f"utterance {utterance_id} could not be transcribed: {why}",
-            )
+        self._send_error(
+            ErrorCode.TRANSCRIPTION_FAILED,
+            f"utterance {utterance_id} could not be transcribed: {why}",
         )
 
     async def _partials(self) -> None:
@@ -464,6 +488,10 @@ class Session:
                     # A lost partial costs nothing: the next one or the final replaces it.
                     log.debug("session %s partial failed: %r", self.session_id, exc)
             self._partial_in_flight = None
+            if transcript is not None:
+                self._metrics.observe_transcription(
+                    final=False, queued=transcript.queued, inference=transcript.inference
+                )
             if transcript is None or not transcript.text:
                 continue
             # Shown only while its utterance is still open and no earlier final is owed, so the
@@ -471,6 +499,7 @@ class Session:
             if due.utterance_id != self._segmenter.open_utterance_id or self._finals_pending:
                 continue
             self._last_partial_latency = trio.current_time() - asked_at
+            self._metrics.partial_latency.observe(self._last_partial_latency)
             self._partial_shown_for = due.utterance_id
             self._outbox.put_partial(
                 realtime_message(transcript.text, due.utterance_id), due.utterance_id

@@ -95,8 +95,8 @@ class RunningServer:
 @pytest.fixture
 def server_config(request: pytest.FixtureRequest) -> Config:
     """Loopback, a free port; tests change settings with ``indirect`` parametrization."""
-    overrides = getattr(request, "param", {})
-    return Config(host="127.0.0.1", port=0, shutdown_grace=15.0, **overrides)
+    settings = {"host": "127.0.0.1", "port": 0, "shutdown_grace": 15.0, "control_socket": ""}
+    return Config(**{**settings, **getattr(request, "param", {})})
 
 
 @pytest.fixture

@@ -1,0 +1,148 @@
+"""Plain HTTP on the WebSocket port: ``/health``, ``/metrics``, and a 404 for everything else.
+
+Every connection's request head is read here first (h11 parses it). An upgrade to WebSocket is
+handed on to trio-websocket through :class:`ReplayStream`, which gives back the bytes already
+read; any other request gets one response and the connection is closed. So a load balancer can
+health-check and Prometheus can scrape the very port the clients use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import h11
+import trio
+
+#: A request head larger than this is refused (431): real ones are a few hundred bytes.
+MAX_HEAD_BYTES = 16 * 1024
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@attrs.frozen
+class RequestHead:
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path or "/"
+
+    @property
+    def is_websocket(self) -> bool:
+        return "websocket" in self.headers.get("upgrade", "").lower()
+
+
+def parse_request_head(raw: bytes) -> RequestHead:
+    """Parse bytes that contain a complete head (up to the blank line)."""
+    connection = h11.Connection(h11.SERVER)
+    try:
+        connection.receive_data(raw)
+        event = connection.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise BadRequest(400, f"malformed request: {exc}") from None
+    if not isinstance(event, h11.Request):
+        raise BadRequest(400, "malformed request")
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return RequestHead(event.method.decode("ascii"), event.target.decode("latin-1"), headers)
+
+
+async def read_request_head(stream: trio.abc.ReceiveStream) -> tuple[RequestHead, bytes]:
+    """Read until the end of the head; returns it and every byte read (for the replay)."""
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise BadRequest(431, "request head too large")
+        data = await stream.receive_some(4096)
+        if not data:
+            raise BadRequest(400, "connection closed before the request was complete")
+        buffer += data
+    return parse_request_head(bytes(buffer)), bytes(buffer)
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    def encode(self, *, with_body: bool = True) -> bytes:
+        head = (
+            f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}\r\n"
+            f"Content-Type: {self.content_type}\r\n"
+            f"Content-Length: {len(self.body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        return head.encode("ascii") + (self.body if with_body else b"")
+
+
+def json_response(status: int, obj: Any) -> Response:
+    return Response(status, json.dumps(obj, separators=(",", ":")).encode())
+
+
+@attrs.frozen
+class Routes:
+    """What the HTTP side can ask of the server; plain callables keep this module sans-server."""
+
+    health: Callable[[], tuple[bool, dict[str, Any]]]
+    metrics: Callable[[], tuple[bytes, str]]
+
+
+def respond(head: RequestHead, routes: Routes) -> Response:
+    if head.method not in ("GET", "HEAD"):
+        return json_response(405, {"error": "only GET is served here"})
+    if head.path == "/health":
+        healthy, body = routes.health()
+        return json_response(200 if healthy else 503, body)
+    if head.path == "/metrics":
+        payload, content_type = routes.metrics()
+        return Response(200, payload, content_type)
+    return json_response(404, {"error": f"no such page: {head.path}"})
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that first gives back bytes already read from ``inner``."""
+
+    def __init__(self, inner: trio.abc.Stream, already_read: bytes) -> None:
+        self._inner = inner
+        self._pending = already_read
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._pending:
+            size = len(self._pending) if max_bytes is None else max_bytes
+            chunk, self._pending = self._pending[:size], self._pending[size:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

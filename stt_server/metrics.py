@@ -1,0 +1,162 @@
+"""Prometheus metrics, one registry per server (no process-global state).
+
+Two kinds: events counted as they happen (audio in, finals, errors, latencies, inference time),
+kept in prometheus-client objects that sessions update; and state read at scrape time from the
+server's ``statistics()`` snapshot (sessions, refusals, queues, breakers, GPU memory), so the
+exporter never reaches into internals and never goes stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import ErrorCode
+
+if TYPE_CHECKING:
+    from .server import ServerStatistics
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+_INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+
+#: Breaker states as numbers, so a dashboard can colour them and an alert can compare.
+BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.audio_seconds = Counter(
+            "stt_audio_received_seconds", "Seconds of audio received from clients", registry=r
+        )
+        self.utterances = Counter(
+            "stt_utterances_finalized", "Utterances that got a completed message", registry=r
+        )
+        self.errors = Counter(
+            "stt_errors", "Error messages sent to clients, by code", ["code"], registry=r
+        )
+        self.partial_latency = Histogram(
+            "stt_partial_latency_seconds",
+            "From a partial being due to its realtime message being queued",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.final_latency = Histogram(
+            "stt_final_latency_seconds",
+            "From the endpoint of an utterance to its completed message being queued",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "stt_inference_seconds",
+            "Model time per transcription",
+            ["kind"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "stt_engine_queue_wait_seconds",
+            "Time a transcription waited for a worker",
+            ["kind"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=r,
+        )
+
+        # Every known label value exists from the start, so dashboards and rate() see zeros
+        # instead of missing series before the first event.
+        for code in ErrorCode:
+            self.errors.labels(code.value)
+        for kind in ("partial", "final"):
+            self.inference.labels(kind)
+            self.queue_wait.labels(kind)
+
+    def observe_transcription(self, *, final: bool, queued: float, inference: float) -> None:
+        kind = "final" if final else "partial"
+        self.queue_wait.labels(kind).observe(queued)
+        self.inference.labels(kind).observe(inference)
+
+    def attach(self, statistics: Callable[[], ServerStatistics]) -> None:
+        """Export the server's state, read from ``statistics()`` at each scrape."""
+        self.registry.register(_StateCollector(statistics))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector:
+    def __init__(self, statistics: Callable[[], ServerStatistics]) -> None:
+        self._statistics = statistics
+
+    def describe(self) -> list[Metric]:
+        return []  # the families below depend on the devices present; describe lazily
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._statistics()
+        yield GaugeMetricFamily(
+            "stt_sessions_active", "Sessions connected now", value=len(stats.sessions)
+        )
+        yield GaugeMetricFamily(
+            "stt_max_connections", "Current session limit", value=stats.max_connections
+        )
+        yield GaugeMetricFamily(
+            "stt_draining", "1 while the server refuses new sessions", value=int(stats.draining)
+        )
+        yield CounterMetricFamily(
+            "stt_sessions_accepted", "Sessions accepted", value=stats.accepted
+        )
+        refused = CounterMetricFamily(
+            "stt_sessions_refused", "Sessions refused, by reason", labels=["reason"]
+        )
+        for reason in ("max_connections", "draining", "no_gpu_headroom", "gpus_unavailable"):
+            refused.add_metric([reason], stats.refused.get(reason, 0))
+        yield refused
+        yield CounterMetricFamily(
+            "stt_sessions_kicked", "Sessions kicked by an operator", value=stats.kicked_total
+        )
+
+        queue = GaugeMetricFamily(
+            "stt_engine_queue_depth", "Transcriptions waiting", labels=["device", "kind"]
+        )
+        busy = GaugeMetricFamily("stt_engine_busy", "Transcriptions running", labels=["device"])
+        workers = GaugeMetricFamily(
+            "stt_engine_workers", "Concurrent transcriptions allowed", labels=["device"]
+        )
+        sessions = GaugeMetricFamily(
+            "stt_device_sessions", "Sessions placed on a device", labels=["device"]
+        )
+        breaker = GaugeMetricFamily(
+            "stt_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["device"]
+        )
+        opened = CounterMetricFamily(
+            "stt_breaker_opened", "Times a breaker opened", labels=["device"]
+        )
+        used = GaugeMetricFamily(
+            "stt_gpu_memory_used_bytes", "GPU memory in use", labels=["device"]
+        )
+        total = GaugeMetricFamily(
+            "stt_gpu_memory_total_bytes", "GPU memory in all", labels=["device"]
+        )
+        util = GaugeMetricFamily(
+            "stt_gpu_utilization_percent", "GPU utilization", labels=["device"]
+        )
+        for device in stats.devices:
+            label = [device.label]
+            queue.add_metric([device.label, "final"], device.engine.queued_finals)
+            queue.add_metric([device.label, "partial"], device.engine.queued_partials)
+            busy.add_metric(label, device.engine.busy)
+            workers.add_metric(label, device.engine.workers)
+            sessions.add_metric(label, device.sessions)
+            if device.breaker is not None:
+                breaker.add_metric(label, BREAKER_VALUES[device.breaker.state.value])
+                opened.add_metric(label, device.breaker.opened)
+            if device.reading is not None:
+                used.add_metric(label, device.reading.used_mb * 1024 * 1024)
+                total.add_metric(label, device.reading.total_mb * 1024 * 1024)
+                if device.reading.utilization is not None:
+                    util.add_metric(label, device.reading.utilization)
+        yield from (queue, busy, workers, sessions, breaker, opened, used, total, util)
