@@ -57,6 +57,7 @@ _TRANSPORT_SIZE_FACTOR = 2
 @attrs.frozen
 class ServerStatistics:
     listening: tuple[tuple[str, int], ...]
+    uptime: float
     draining: bool
     max_connections: int
     accepted: int
@@ -121,6 +122,7 @@ class Server:
         self._listen_scope = trio.CancelScope()
         self._session_ended = trio.lowlevel.ParkingLot()
         self._listening: tuple[tuple[str, int], ...] = ()
+        self._started = time.monotonic()
 
     @property
     def port(self) -> int:
@@ -361,6 +363,7 @@ class Server:
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
             listening=self._listening,
+            uptime=time.monotonic() - self._started,
             draining=self._draining,
             max_connections=self.max_connections,
             accepted=self._accepted,

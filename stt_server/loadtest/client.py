@@ -128,26 +128,31 @@ async def stream_audio(
             if declare_rate and sample_rate != SAMPLE_RATE:
                 await ws.send_message(json.dumps({"type": "config", "sample_rate": sample_rate}))
             start = trio.current_time()
-            for offset in range(0, samples.size, step):
-                chunk = samples[offset : offset + step].astype("<i2").tobytes()
-                if binary:
-                    await ws.send_message(chunk)
-                else:
-                    await ws.send_message(
-                        json.dumps(
-                            {
-                                "type": "audio",
-                                "data": base64.b64encode(chunk).decode(),
-                                "sample_rate": sample_rate,
-                            }
+            try:
+                for offset in range(0, samples.size, step):
+                    chunk = samples[offset : offset + step].astype("<i2").tobytes()
+                    if binary:
+                        await ws.send_message(chunk)
+                    else:
+                        await ws.send_message(
+                            json.dumps(
+                                {
+                                    "type": "audio",
+                                    "data": base64.b64encode(chunk).decode(),
+                                    "sample_rate": sample_rate,
+                                }
+                            )
                         )
-                    )
-                sent = min(offset + step, samples.size) / sample_rate
-                result.sent.append((trio.current_time(), sent))
-                if speed:
-                    await trio.sleep_until(start + sent / speed)
-            if finish == "end":
-                await ws.send_message(json.dumps({"type": "end"}))
-            elif finish == "close":
-                nursery.cancel_scope.cancel()
+                    sent = min(offset + step, samples.size) / sample_rate
+                    result.sent.append((trio.current_time(), sent))
+                    if speed:
+                        await trio.sleep_until(start + sent / speed)
+                if finish == "end":
+                    await ws.send_message(json.dumps({"type": "end"}))
+                elif finish == "close":
+                    nursery.cancel_scope.cancel()
+            except ConnectionClosed:
+                # The server ended the session (kick, drain, limits): the receiver records the
+                # close code and whatever arrived before it.
+                pass
     return result

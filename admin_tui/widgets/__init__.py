@@ -1,0 +1,1 @@
+"""One widget per module; each takes a snapshot and shows its part of it."""
