@@ -61,7 +61,15 @@ async def main(config: Config, model: WhisperModel, clips: list[dict[str, str]])
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    config = attrs.evolve(Config(host="127.0.0.1", port=0), **parse_overrides(sys.argv[1:]))
+    # Clips go in as fast as the server takes them, so the audio-rate limit is off here.
+    base = Config(
+        host="127.0.0.1",
+        port=0,
+        control_socket="",
+        max_realtime_factor=0.0,
+        max_messages_per_second=0.0,
+    )
+    config = attrs.evolve(base, **parse_overrides(sys.argv[1:]))
     with (DATA / "manifest.tsv").open() as fh:
         clips = list(csv.DictReader(fh, delimiter="\t"))
     trio.run(main, config, WhisperModel.load(config, device="cpu"), clips)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import trio
 
+from .auth import TokensFileError, new_token, tokens_file_line
 from .config import Config, ConfigError
 from .control import ControlError
 from .logs import setup_logging
@@ -35,7 +36,26 @@ async def run(config: Config) -> None:
                 break
 
 
+def token_command(argv: Sequence[str]) -> int:
+    """``stt-server token new LABEL``: the token on line 1, the tokens-file line on line 2."""
+    if len(argv) != 2 or argv[0] != "new":
+        print("usage: stt-server token new LABEL", file=sys.stderr)
+        return 2
+    token = new_token()
+    try:
+        line = tokens_file_line(token, argv[1])
+    except ValueError as exc:
+        print(f"stt-server token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["token"]:
+        return token_command(argv[1:])
     # NVML numbers GPUs by PCI bus; CUDA by default puts the fastest first. Without this, the
     # memory read for GPU n could belong to another device than the one cuda:n runs on.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -48,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure = None
     try:
         trio.run(run, config)
-    except* (ControlError, OSError) as group:
+    except* (ControlError, OSError, TokensFileError) as group:
         # Start-up problems an operator fixes (port taken, socket path in use): one clear line.
         failure = group.exceptions[0]
     if failure is not None:

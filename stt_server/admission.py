@@ -30,6 +30,9 @@ class RefusalReason(enum.StrEnum):
     DRAINING = "draining"
     NO_GPU_HEADROOM = "no_gpu_headroom"
     GPUS_UNAVAILABLE = "gpus_unavailable"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    ORIGIN = "origin_not_allowed"
 
 
 @attrs.frozen

@@ -232,6 +232,60 @@ class Config:
         10.0, "seconds sessions get to finish on SIGTERM/SIGINT", validator=_non_negative
     )
 
+    # --- security: authentication, origins, proxies, rate limits, TLS -----------------------
+    tokens_file: str = _setting(
+        "",
+        "file of token hashes ('sha256:<hex> <label>' per line, made with `stt-server token "
+        "new LABEL`); when set, every WebSocket client needs a token",
+        metavar="PATH",
+    )
+    allowed_origins: str = _setting(
+        "",
+        "comma-separated browser origins allowed to connect (e.g. https://app.example.com); "
+        "empty = any; clients that send no Origin are not affected",
+        metavar="ORIGINS",
+    )
+    trusted_proxies: str = _setting(
+        "",
+        "comma-separated addresses/networks of reverse proxies whose X-Real-IP / "
+        "X-Forwarded-For is believed (e.g. 127.0.0.1,10.0.0.0/8)",
+        metavar="NETWORKS",
+    )
+    connections_per_minute: int = _setting(
+        120, "new connections per client IP per minute (0 = no limit)", validator=_non_negative
+    )
+    max_sessions_per_ip: int = _setting(
+        20, "concurrent sessions per client IP (0 = no limit)", validator=_non_negative
+    )
+    max_sessions_per_token: int = _setting(
+        50, "concurrent sessions per token (0 = no limit)", validator=_non_negative
+    )
+    max_realtime_factor: float = _setting(
+        4.0,
+        "audio may arrive at most this many times faster than real time, sustained (0 = no limit)",
+        validator=_non_negative,
+    )
+    audio_burst: float = _setting(
+        30.0,
+        "seconds of audio a client may send ahead of that rate (e.g. after a network stall)",
+        validator=_positive,
+    )
+    max_messages_per_second: float = _setting(
+        100.0,
+        "messages per second per session, sustained; bursts of twice that are allowed "
+        "(0 = no limit)",
+        validator=_non_negative,
+    )
+    max_session_length: float = _setting(
+        14400.0,
+        "longest session in seconds; then it is finalized and closed (0 = no limit)",
+        validator=_non_negative,
+    )
+    certfile: str = _setting(
+        "", "TLS certificate chain (PEM) for wss:// without a proxy", metavar="PATH"
+    )
+    keyfile: str = _setting("", "TLS private key (PEM), if not inside certfile", metavar="PATH")
+
     # --- operations -----------------------------------------------------------------------
     control_socket: str = _setting(
         "/run/stt-server/control.sock",

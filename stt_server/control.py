@@ -89,7 +89,7 @@ def parse_request(line: bytes) -> Request:
     if not isinstance(obj, dict):
         raise ControlError("each line must be a JSON object")
     cmd = obj.get("cmd")
-    if cmd not in _COMMANDS:
+    if not isinstance(cmd, str) or cmd not in _COMMANDS:
         raise ControlError(
             f"unknown cmd {json.dumps(cmd)[:40]}; known: {', '.join(sorted(_COMMANDS))}"
         )

@@ -25,6 +25,7 @@ class ErrorCode(enum.StrEnum):
     GOING_AWAY = "going_away"
     IDLE_TIMEOUT = "idle_timeout"
     TRANSCRIPTION_FAILED = "transcription_failed"
+    SESSION_TOO_LONG = "session_too_long"
     #: Informational: the session's GPU failed and it continues on another one.
     DEVICE_CHANGED = "device_changed"
 
@@ -60,6 +61,13 @@ class InvalidAudio(SttError):
     """The audio payload cannot be decoded as PCM16 mono at a supported rate."""
 
     error_code = ErrorCode.INVALID_AUDIO
+
+
+class AudioTooFast(SttError):
+    """Audio beyond the allowed real-time ratio: the session ends (its finals still sent)."""
+
+    error_code = ErrorCode.RATE_LIMITED
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class MessageTooBig(SttError):

@@ -23,6 +23,8 @@ MAX_HEAD_BYTES = 16 * 1024
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
@@ -87,13 +89,15 @@ class Response:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
     def encode(self, *, with_body: bool = True) -> bytes:
         head = (
             f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}\r\n"
             f"Content-Type: {self.content_type}\r\n"
             f"Content-Length: {len(self.body)}\r\n"
-            "Cache-Control: no-store\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in self.headers)
+            + "Cache-Control: no-store\r\n"
             "Connection: close\r\n\r\n"
         )
         return head.encode("ascii") + (self.body if with_body else b"")

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .admission import RefusalReason
 from .errors import ErrorCode
 
 if TYPE_CHECKING:
@@ -112,8 +113,8 @@ class _StateCollector:
         refused = CounterMetricFamily(
             "stt_sessions_refused", "Sessions refused, by reason", labels=["reason"]
         )
-        for reason in ("max_connections", "draining", "no_gpu_headroom", "gpus_unavailable"):
-            refused.add_metric([reason], stats.refused.get(reason, 0))
+        for reason in RefusalReason:
+            refused.add_metric([reason.value], stats.refused.get(reason.value, 0))
         yield refused
         yield CounterMetricFamily(
             "stt_sessions_kicked", "Sessions kicked by an operator", value=stats.kicked_total

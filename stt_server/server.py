@@ -14,7 +14,9 @@ import contextlib
 import functools
 import logging
 import secrets
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -23,6 +25,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .admission import Decision, RefusalReason
+from .auth import TokenStore, client_ip, credentials, parse_networks
 from .config import Config
 from .control import ControlServer, resolve_socket_path
 from .devices import Device, DevicePool, DeviceStatistics, open_pool
@@ -32,6 +35,7 @@ from .http import (
     BadRequest,
     ReplayStream,
     RequestHead,
+    Response,
     Routes,
     json_response,
     read_request_head,
@@ -39,6 +43,7 @@ from .http import (
 )
 from .metrics import Metrics
 from .protocol import error_message
+from .ratelimit import KeyedLimiter
 from .session import CLOSE_TIMEOUT, CloseRequest, LanguageCheck, Session, SessionStatistics
 from .systemd import Notifier
 from .vad import SileroModel
@@ -68,12 +73,37 @@ class ServerStatistics:
     kicked_total: int
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
+    """``("host:port", "host")`` of the socket peer, through a TLS layer if there is one."""
+    transport = getattr(stream, "transport_stream", stream)
     try:
-        host, port, *_ = stream.socket.getpeername()  # type: ignore[attr-defined]
+        host, port, *_ = transport.socket.getpeername()  # type: ignore[attr-defined]
     except (AttributeError, OSError):
-        return "unknown"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return "unknown", "unknown"
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
+
+
+def _decrement(counts: collections.Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]  # keep the table as small as the set of live clients
+
+
+@attrs.frozen
+class Client:
+    """Who is connecting: the socket peer, the address limits count, the token's label."""
+
+    peer: str
+    ip: str
+    label: str | None = None
+
+    def describe(self) -> str:
+        who = (
+            self.peer
+            if self.peer.startswith(self.ip) or self.peer.startswith(f"[{self.ip}]")
+            else f"{self.ip} via {self.peer}"
+        )
+        return f"{who} ({self.label})" if self.label else who
 
 
 @attrs.frozen
@@ -109,6 +139,16 @@ class Server:
         self._model_name = model_name
         self._language_check = LanguageCheck(multilingual)
         self.max_connections = config.max_connections
+        self._tokens = TokenStore.load(Path(config.tokens_file)) if config.tokens_file else None
+        self._allowed_origins = {o.strip() for o in config.allowed_origins.split(",") if o.strip()}
+        self._trusted_proxies = parse_networks(config.trusted_proxies)
+        self._connection_rate = KeyedLimiter(
+            rate=config.connections_per_minute / 60.0,
+            capacity=max(1, config.connections_per_minute),
+            clock=time.monotonic,
+        )
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._per_token: collections.Counter[str] = collections.Counter()
         self.sessions: dict[str, Session] = {}
         self._placement: dict[str, Device] = {}
         # Handshakes past the max_connections check but still awaiting GPU admission: they hold
@@ -136,8 +176,13 @@ class Server:
         self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept connections until :meth:`stop_listening`; return once every handler is done."""
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners: list = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         self._listening = tuple(listener.socket.getsockname()[:2] for listener in listeners)
+        if self.config.certfile:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.config.certfile, self.config.keyfile or None)
+            # The TLS handshake runs on the first read, so handshake_timeout bounds it too.
+            listeners = [trio.SSLListener(listener, context) for listener in listeners]
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self._listening))
         # Handlers live in the outer nursery so that they outlast the accept loop: closing the
         # listeners at the end of a shutdown leaves the last sessions running to completion.
@@ -226,77 +271,155 @@ class Server:
         return status == "ok", body
 
     # -- connections -----------------------------------------------------------------------
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        peer = _peer_name(stream)
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        peer, peer_ip = _peer_name(stream)
         async with trio.open_nursery() as connection:
-            ws = None
+            ws = client = None
             with trio.move_on_after(self.config.handshake_timeout):
                 try:
                     head, raw = await read_request_head(stream)
                     if not head.is_websocket:
                         await self._answer_http(stream, head)
                         return
+                    client = Client(peer, client_ip(peer_ip, head, self._trusted_proxies))
+                    early = self._reject_before_upgrade(head, client)
+                    if early is not None:
+                        await self._answer(stream, early)
+                        return
+                    creds = credentials(head)
                     request = await trio_websocket.wrap_server_stream(
                         connection,
                         ReplayStream(stream, raw),
                         max_message_size=self.config.max_message_size * _TRANSPORT_SIZE_FACTOR,
                     )
-                    ws = await request.accept()
+                    # A browser that offered bearer.<token> fails the connection unless the
+                    # subprotocol is echoed, and then could not read why it was refused.
+                    ws = await request.accept(subprotocol=creds.subprotocol)
+                    if self._tokens is not None:
+                        client = attrs.evolve(client, label=self._tokens.label_for(creds.token))
                 except BadRequest as exc:
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await stream.send_all(
-                            json_response(exc.status, {"error": str(exc)}).encode()
-                        )
+                    await self._answer(stream, json_response(exc.status, {"error": str(exc)}))
                 except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
                     ws = None
-            if ws is None:
+            if ws is None or client is None:
                 connection.cancel_scope.cancel()
                 await trio.aclose_forcefully(stream)
                 return
             try:
-                await self._serve_client(ws, peer)
+                await self._serve_client(ws, client)
             finally:
                 with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
                     cleanup.shield = True
                     await ws.aclose()
                 connection.cancel_scope.cancel()
 
-    async def _answer_http(self, stream: trio.SocketStream, head: RequestHead) -> None:
+    def _reject_before_upgrade(self, head: RequestHead, client: Client) -> Response | None:
+        """Refusals answered in plain HTTP: a foreign browser origin, and a missing or wrong
+        token from a client without an Origin (a program, which can read an HTTP 401)."""
+        origin = head.headers.get("origin")
+        if self._allowed_origins and origin is not None and origin not in self._allowed_origins:
+            self._count_refusal(RefusalReason.ORIGIN, client, f"origin {origin!r} not allowed")
+            return json_response(
+                403, {"error": "origin_not_allowed", "message": f"origin {origin} is not allowed"}
+            )
+        if (
+            self._tokens is not None
+            and origin is None
+            and self._tokens.label_for(credentials(head).token) is None
+        ):
+            self._count_refusal(RefusalReason.UNAUTHORIZED, client, "no valid token")
+            return attrs.evolve(
+                json_response(
+                    401, {"error": "unauthorized", "message": "a valid token is required"}
+                ),
+                headers=(("WWW-Authenticate", 'Bearer realm="stt-server"'),),
+            )
+        return None
+
+    async def _answer(self, stream: trio.abc.Stream, response: Response) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(response.encode())
+        await trio.aclose_forcefully(stream)
+
+    async def _answer_http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
         response = respond(head, self._routes)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(response.encode(with_body=head.method != "HEAD"))
         await trio.aclose_forcefully(stream)
 
-    async def _refuse(
-        self, ws: WebSocketConnection, peer: str, reason: RefusalReason, message: str
-    ) -> None:
-        """Tell a client why it cannot have a session (``server_busy``), then close 1013."""
+    def _count_refusal(self, reason: RefusalReason, client: Client, message: str) -> None:
         self._refused[reason.value] += 1
-        self.metrics.errors.labels(ErrorCode.SERVER_BUSY.value).inc()
-        log.info("refused %s: %s (%s)", peer, reason.value, message)
+        log.info("refused %s: %s (%s)", client.describe(), reason.value, message)
+
+    async def _refuse(
+        self,
+        ws: WebSocketConnection,
+        client: Client,
+        reason: RefusalReason,
+        message: str,
+        *,
+        code: ErrorCode = ErrorCode.SERVER_BUSY,
+        close: CloseCode = CloseCode.TRY_AGAIN_LATER,
+        retry_after: float | None = RETRY_AFTER_BUSY,
+    ) -> None:
+        """Tell a client why it cannot have a session, then close."""
+        self._count_refusal(reason, client, message)
+        self.metrics.errors.labels(code.value).inc()
         with trio.move_on_after(CLOSE_TIMEOUT):
             try:
-                await ws.send_message(
-                    error_message(
-                        ErrorCode.SERVER_BUSY.value, message, retry_after=RETRY_AFTER_BUSY
-                    )
-                )
+                await ws.send_message(error_message(code.value, message, retry_after=retry_after))
             except ConnectionClosed:
                 return
-            await ws.aclose(int(CloseCode.TRY_AGAIN_LATER), message[:120])
+            await ws.aclose(int(close), message[:120])
 
-    async def _serve_client(self, ws: WebSocketConnection, peer: str) -> None:
+    async def _serve_client(self, ws: WebSocketConnection, client: Client) -> None:
+        if self._tokens is not None and client.label is None:
+            await self._refuse(
+                ws,
+                client,
+                RefusalReason.UNAUTHORIZED,
+                "a valid token is required",
+                code=ErrorCode.UNAUTHORIZED,
+                close=CloseCode.UNAUTHORIZED,
+                retry_after=None,
+            )
+            return
+        if self.config.connections_per_minute:
+            wait = self._connection_rate.take(client.ip)
+            if wait:
+                await self._refuse(
+                    ws,
+                    client,
+                    RefusalReason.RATE_LIMITED,
+                    f"more than {self.config.connections_per_minute} connections per minute "
+                    "from your address",
+                    code=ErrorCode.RATE_LIMITED,
+                    close=CloseCode.POLICY_VIOLATION,
+                    retry_after=round(wait, 1),
+                )
+                return
         if self._draining:
             await self._refuse(
-                ws, peer, RefusalReason.DRAINING, "server is draining; try another instance"
+                ws, client, RefusalReason.DRAINING, "server is draining; try another instance"
             )
             return
         if len(self.sessions) + self._admitting >= self.max_connections:
             await self._refuse(
                 ws,
-                peer,
+                client,
                 RefusalReason.MAX_CONNECTIONS,
                 f"server is at its limit of {self.max_connections} sessions",
+            )
+            return
+        too_many = self._over_concurrency_limits(client)
+        if too_many:
+            await self._refuse(
+                ws,
+                client,
+                RefusalReason.RATE_LIMITED,
+                too_many,
+                code=ErrorCode.RATE_LIMITED,
+                close=CloseCode.POLICY_VIOLATION,
             )
             return
         session_id = secrets.token_hex(8)
@@ -307,36 +430,52 @@ class Server:
             self._admitting -= 1
         if isinstance(placed, Decision):
             assert placed.refusal is not None
-            await self._refuse(ws, peer, placed.refusal, placed.message)
+            await self._refuse(ws, client, placed.refusal, placed.message)
             return
         if self._draining:
             # Draining began while this client waited for GPU readings; it was not among the
             # sessions told to finish, so it must not start.
             self.pool.release(session_id, placed)
             await self._refuse(
-                ws, peer, RefusalReason.DRAINING, "server is draining; try another instance"
+                ws, client, RefusalReason.DRAINING, "server is draining; try another instance"
             )
             return
         session = Session(
             ws,
             session_id=session_id,
-            peer=peer,
+            peer=client.describe(),
             config=self.config,
             engine=placed.engine,
             vad_model=self._vad_model,
             model_name=self._model_name,
             language_check=self._language_check,
             metrics=self.metrics,
+            token_label=client.label,
         )
         self.sessions[session_id] = session
         self._placement[session_id] = placed
+        self._per_ip[client.ip] += 1
+        if client.label is not None:
+            self._per_token[client.label] += 1
         self._accepted += 1
         try:
             await session.run()
         finally:
             del self.sessions[session_id]
             self.pool.release(session_id, self._placement.pop(session_id))
+            _decrement(self._per_ip, client.ip)
+            if client.label is not None:
+                _decrement(self._per_token, client.label)
             self._session_ended.unpark_all()
+
+    def _over_concurrency_limits(self, client: Client) -> str | None:
+        limit = self.config.max_sessions_per_ip
+        if limit and self._per_ip[client.ip] >= limit:
+            return f"your address already has {limit} sessions open"
+        limit = self.config.max_sessions_per_token
+        if limit and client.label is not None and self._per_token[client.label] >= limit:
+            return f"this token already has {limit} sessions open"
+        return None
 
     def _device_lost(self, device: Device, reason: str) -> None:
         """A device's breaker opened: move its sessions elsewhere, or end them cleanly."""

@@ -34,6 +34,7 @@ from .context import RecentSpeech
 from .engine import Engine, TranscribeOptions, Transcript
 from .errors import (
     MAX_CONSECUTIVE_ERRORS,
+    AudioTooFast,
     CloseCode,
     ErrorCode,
     InvalidMessage,
@@ -54,6 +55,7 @@ from .protocol import (
     realtime_message,
     session_message,
 )
+from .ratelimit import TokenBucket
 from .segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
 from .vad import SileroModel, VadStream
 
@@ -88,6 +90,7 @@ class SessionStatistics:
     device: str
     last_partial_latency: float | None
     last_final_latency: float | None
+    token_label: str | None = None
 
 
 class _LatestPartial:
@@ -125,8 +128,10 @@ class Session:
         model_name: str,
         language_check: LanguageCheck,
         metrics: Metrics,
+        token_label: str | None = None,
     ) -> None:
         self.session_id = session_id
+        self.token_label = token_label
         self._metrics = metrics
         self.peer = peer
         self._ws = ws
@@ -166,6 +171,19 @@ class Session:
         self._started_wall = time.time()
         self._started = trio.current_time()
         self._close_request: CloseRequest | None = None
+        now = trio.current_time()
+        self._message_rate = (
+            TokenBucket.full(
+                config.max_messages_per_second, 2 * config.max_messages_per_second, now
+            )
+            if config.max_messages_per_second
+            else None
+        )
+        self._audio_rate = (
+            TokenBucket.full(config.max_realtime_factor, config.audio_burst, now)
+            if config.max_realtime_factor
+            else None
+        )
         self._close_after_utterance: CloseRequest | None = None
         self._intake_scope = trio.CancelScope()
         self._finalizer_done = trio.Event()
@@ -185,6 +203,8 @@ class Session:
                 nursery.start_soon(self._finalizer)
                 nursery.start_soon(self._partials)
                 nursery.start_soon(self._heartbeat)
+                if self._config.max_session_length:
+                    nursery.start_soon(self._length_limit)
                 nursery.start_soon(self._intake_then_close)
         finally:
             log.info(
@@ -235,6 +255,7 @@ class Session:
             device=self._engine.device,
             last_partial_latency=self._last_partial_latency,
             last_final_latency=self._last_final_latency,
+            token_label=self.token_label,
         )
 
     # -- ending ----------------------------------------------------------------------------
@@ -294,6 +315,12 @@ class Session:
                 message = await self._receive()
             except ConnectionClosed:
                 return None
+            if self._message_rate is not None and self._message_rate.take(1, trio.current_time()):
+                return CloseRequest(
+                    CloseCode.POLICY_VIOLATION,
+                    ErrorCode.RATE_LIMITED,
+                    f"more than {self._config.max_messages_per_second:g} messages per second",
+                )
             if message is None:
                 return CloseRequest(
                     CloseCode.NORMAL,
@@ -334,6 +361,10 @@ class Session:
                 await self._feed(self._resampler.set_rate(event.sample_rate))
             samples = pcm16_to_float(event.pcm)
             seconds = samples.size / self._resampler.input_rate
+            if self._audio_rate is not None and self._audio_rate.take(seconds, trio.current_time()):
+                raise AudioTooFast(
+                    f"audio arrives faster than {self._config.max_realtime_factor:g}x real time"
+                )
             self._audio_in += seconds
             self._metrics.audio_seconds.inc(seconds)
             await self._feed(self._resampler.process(samples))
@@ -523,6 +554,16 @@ class Session:
                 self._abort("client stopped reading")
                 return
         self._emitter_done.set()
+
+    async def _length_limit(self) -> None:
+        await trio.sleep(self._config.max_session_length)
+        self.close(
+            CloseRequest(
+                CloseCode.POLICY_VIOLATION,
+                ErrorCode.SESSION_TOO_LONG,
+                f"sessions last at most {self._config.max_session_length:g} s; reconnect to go on",
+            )
+        )
 
     async def _heartbeat(self) -> None:
         while True:
