@@ -116,7 +116,7 @@ def parse_request(line: bytes) -> Request:
     return Request(cmd)
 
 
-def _plain(_inst: Any, _field: Any, value: Any) -> Any:
+def _plain(_inst: Any, _attribute: Any, value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 

@@ -44,7 +44,14 @@ from .http import (
 from .metrics import Metrics
 from .protocol import error_message
 from .ratelimit import KeyedLimiter
-from .session import CLOSE_TIMEOUT, CloseRequest, LanguageCheck, Session, SessionStatistics
+from .session import (
+    CLOSE_TIMEOUT,
+    CloseRequest,
+    LanguageCheck,
+    Session,
+    SessionStatistics,
+    finish_timeout,
+)
 from .systemd import Notifier
 from .vad import SileroModel
 
@@ -229,7 +236,7 @@ class Server:
         for session in list(self.sessions.values()):
             session.close(request)
         # Forced closes still transcribe what is owed; this bounds that and the close handshake.
-        with trio.move_on_after(self.config.inference_timeout + CLOSE_TIMEOUT):
+        with trio.move_on_after(finish_timeout(self.config) + CLOSE_TIMEOUT):
             while self.sessions:
                 await self._session_ended.park()
 

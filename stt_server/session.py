@@ -69,6 +69,11 @@ _FINALS_QUEUE = 4
 CLOSE_TIMEOUT = 5.0
 
 
+def finish_timeout(config: Config) -> float:
+    """Longest a graceful close may take: transcribing what is owed, then delivering it."""
+    return config.inference_timeout + config.send_timeout
+
+
 @attrs.frozen
 class CloseRequest:
     """How to end a session gracefully: the close code and the error, if any, to send first."""
@@ -278,7 +283,7 @@ class Session:
         request = request or self._close_request
         assert request is not None
         self.end_reason = request.error_code.value if request.error_code else "end"
-        with trio.move_on_after(self._config.shutdown_grace):
+        with trio.move_on_after(finish_timeout(self._config)):
             try:
                 await self._finish(request)
             except OutboxOverflow:

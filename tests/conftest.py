@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import attrs
 import numpy as np
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from stt_server.config import Config
 from stt_server.loadtest.client import read_wav
@@ -126,3 +128,13 @@ async def wait_until(predicate) -> None:
     event of its own to wait on, so it polls. Callers put the deadline around it."""
     while not predicate():  # noqa: ASYNC110
         await trio.sleep(0.02)
+
+
+async def receive_until_closed(ws) -> tuple[list[dict], int | None]:
+    """Every JSON message a client receives until the server closes, and the close code."""
+    messages = []
+    try:
+        while True:
+            messages.append(json.loads(await ws.get_message()))
+    except ConnectionClosed as exc:
+        return messages, exc.reason.code

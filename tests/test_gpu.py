@@ -23,7 +23,7 @@ from stt_server.devices import open_pool
 from stt_server.engine import TranscribeOptions
 from stt_server.gpu import GpuMonitor, GpuReading, NvmlSource
 
-from .conftest import wait_until
+from .conftest import receive_until_closed, wait_until
 
 DEADLINE = 60
 
@@ -38,14 +38,10 @@ async def open_session(stack: AsyncExitStack, url: str) -> tuple:
     return ws, first
 
 
-async def refusal(url: str) -> tuple[dict, int]:
+async def refusal(url: str) -> tuple[dict, int | None]:
     async with open_websocket_url(url) as ws:
-        message = json.loads(await ws.get_message())
-        try:
-            await ws.get_message()
-        except ConnectionClosed as exc:
-            return message, exc.reason.code
-    raise AssertionError("refused client was not closed")
+        (message,), code = await receive_until_closed(ws)
+    return message, code
 
 
 def placements(server) -> dict[str, int]:
@@ -193,12 +189,7 @@ async def test_all_gpus_down_gives_server_busy_and_the_sessions_are_closed_clean
             source.set_healthy(1, False)
             message, code = await refusal(running_server.url)
             # The open session's speech still gets its final, then a clean 1013.
-            received = []
-            try:
-                while True:
-                    received.append(json.loads(await ws.get_message()))
-            except ConnectionClosed as exc:
-                close = exc.reason.code
+            received, close = await receive_until_closed(ws)
     assert code == 1013 and message["code"] == "server_busy"
     assert "no GPU is available" in message["message"]
     assert server.statistics().refused == {"gpus_unavailable": 1}

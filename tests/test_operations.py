@@ -26,7 +26,7 @@ from stt_server.logs import setup_logging
 from stt_server.server import serve
 from stt_server.systemd import Notifier
 
-from .conftest import wait_until
+from .conftest import receive_until_closed, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 60
@@ -246,12 +246,7 @@ async def test_every_control_command_over_a_real_unix_socket(
             assert await control.ask(
                 cmd="kick", session_id=hello["session_id"], reason="abuse report #12"
             ) == {"ok": True}
-            received = []
-            try:
-                while True:
-                    received.append(json.loads(await ws.get_message()))
-            except ConnectionClosed as exc:
-                close = exc.reason.code
+            received, close = await receive_until_closed(ws)
         assert close == 4000
         assert any(m["type"] == "completed" and "fellow" in m["text"].lower() for m in received)
         assert received[-1] == {"type": "error", "code": "kicked", "message": "abuse report #12"}
@@ -376,12 +371,7 @@ async def test_drain_finalizes_a_never_ending_utterance_at_the_grace_deadline(
             start = trio.current_time()
             async with trio.open_nursery() as inner:
                 inner.start_soon(server.drain)
-                received = []
-                try:
-                    while True:
-                        received.append(json.loads(await ws.get_message()))
-                except ConnectionClosed as exc:
-                    close = exc.reason.code
+                received, close = await receive_until_closed(ws)
             elapsed = trio.current_time() - start
     assert 0.9 <= elapsed < 10
     assert any(m["type"] == "completed" for m in received)

@@ -25,7 +25,7 @@ from stt_server.http import parse_request_head
 from stt_server.ratelimit import KeyedLimiter, TokenBucket
 from stt_server.server import serve
 
-from .conftest import wait_until
+from .conftest import receive_until_closed, wait_until
 
 DEADLINE = 60
 
@@ -43,15 +43,6 @@ def make_token(tmp_path, label: str = "team-web") -> tuple[str, str]:
     path.write_text(f"# issued for tests\n{line}\n")
     assert token not in path.read_text()  # only the hash is stored
     return token, str(path)
-
-
-async def first_and_close(ws) -> tuple[list[dict], int | None]:
-    messages = []
-    try:
-        while True:
-            messages.append(json.loads(await ws.get_message()))
-    except ConnectionClosed as exc:
-        return messages, exc.reason.code
 
 
 async def start(nursery, speech_model, **settings):
@@ -101,7 +92,7 @@ async def test_missing_or_wrong_tokens_are_refused_the_right_way(
         async with open_websocket_url(
             f"{url}?token=nope", extra_headers=[(b"origin", b"https://app.example")]
         ) as ws:
-            messages, code = await first_and_close(ws)
+            messages, code = await receive_until_closed(ws)
         assert messages == [
             {"type": "error", "code": "unauthorized", "message": "a valid token is required"}
         ]
@@ -168,7 +159,7 @@ async def test_forged_x_forwarded_for_is_ignored_and_a_trusted_proxy_is_honoured
         async with open_websocket_url(url, extra_headers=forwarded("198.51.100.1")) as one:
             await one.get_message()
             async with open_websocket_url(url, extra_headers=forwarded("198.51.100.2")) as two:
-                messages, code = await first_and_close(two)
+                messages, code = await receive_until_closed(two)
         assert code == 1008 and messages[0]["code"] == "rate_limited"  # both are 127.0.0.1
 
         server, url = await start(
@@ -183,7 +174,7 @@ async def test_forged_x_forwarded_for_is_ignored_and_a_trusted_proxy_is_honoured
                 async with open_websocket_url(
                     url, extra_headers=forwarded("198.51.100.1")
                 ) as three:
-                    messages, code = await first_and_close(three)
+                    messages, code = await receive_until_closed(three)
         assert code == 1008 and "already has 1 sessions" in messages[0]["message"]
 
 
@@ -208,7 +199,7 @@ async def test_new_connections_per_ip_are_limited_and_recover(nursery, speech_mo
             async with open_websocket_url(url) as ws:
                 await ws.get_message()
         async with open_websocket_url(url) as ws:
-            messages, code = await first_and_close(ws)
+            messages, code = await receive_until_closed(ws)
         assert code == 1008 and messages[0]["code"] == "rate_limited"
         assert 0 < messages[0]["retry_after"] <= 2.5
         await trio.sleep(messages[0]["retry_after"] + 0.1)
@@ -225,7 +216,7 @@ async def test_concurrent_sessions_per_token_are_limited(nursery, speech_model, 
         async with open_websocket_url(url) as one:
             await one.get_message()
             async with open_websocket_url(url) as two:
-                messages, code = await first_and_close(two)
+                messages, code = await receive_until_closed(two)
             assert code == 1008 and "this token already has 1" in messages[0]["message"]
         await trio.sleep(0.2)
         async with open_websocket_url(url) as again:
@@ -244,7 +235,7 @@ async def test_audio_faster_than_real_time_is_allowed_a_burst_then_closed(
             await trio.sleep(1.0)  # refills 2 s of audio
             await ws.send_message(speech[16000 * 3 : 16000 * 5].tobytes())  # fine again
             await ws.send_message(speech[16000 * 5 :].tobytes())  # 6 s at once: too fast
-            messages, code = await first_and_close(ws)
+            messages, code = await receive_until_closed(ws)
     assert code == 1008
     assert messages[-1]["code"] == "rate_limited" and "2x real time" in messages[-1]["message"]
     # The speech that was accepted still gets its finals.
@@ -267,7 +258,7 @@ async def test_too_many_messages_per_second(nursery, speech_model) -> None:
                     await ws.send_message(b"\x00\x00")
                 except ConnectionClosed:
                     break
-            messages, code = await first_and_close(ws)
+            messages, code = await receive_until_closed(ws)
     assert code == 1008 and messages[-1]["code"] == "rate_limited"
 
 
@@ -297,7 +288,7 @@ async def test_max_session_length_finalizes_and_closes(nursery, speech_model, cl
         async with open_websocket_url(url) as ws:
             await ws.get_message()
             await ws.send_message(clip("jfk.wav")[: 16000 * 2].tobytes())
-            messages, code = await first_and_close(ws)
+            messages, code = await receive_until_closed(ws)
     assert code == 1008
     assert messages[-1]["code"] == "session_too_long"
     assert any(m["type"] == "completed" for m in messages)
@@ -325,7 +316,7 @@ async def test_transcription_over_wss_with_a_test_certificate(
             await ws.get_message()
             await ws.send_message(clip("ldc93s1.wav").tobytes())
             await ws.send_message('{"type":"end"}')
-            messages, code = await first_and_close(ws)
+            messages, code = await receive_until_closed(ws)
         # Plain text to the TLS port: the server hangs up at once and carries on.
         plain = await trio.open_tcp_stream("127.0.0.1", server.port)
         async with plain:

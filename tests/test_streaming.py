@@ -17,7 +17,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from stt_server.loadtest.client import StreamResult, read_wav, stream_audio
 from stt_server.loadtest.wer import normalize, word_error_rate
 
-from .conftest import SYNTHETIC, wait_until
+from .conftest import SYNTHETIC, receive_until_closed, wait_until
 
 #: Every I/O test gets an absolute deadline, so a hang fails instead of stalling the suite.
 DEADLINE = 120
@@ -213,15 +213,6 @@ async def test_misbehaving_clients_leave_a_good_clients_transcript_intact(
     assert "suit" in again.text.lower()
 
 
-async def collect(ws) -> tuple[list[dict], int | None]:
-    messages = []
-    try:
-        while True:
-            messages.append(json.loads(await ws.get_message()))
-    except ConnectionClosed as exc:
-        return messages, exc.reason.code
-
-
 async def test_valid_messages_reset_the_error_count_and_five_in_a_row_close(running_server):
     with trio.fail_after(DEADLINE):
         async with open_websocket_url(running_server.url) as ws:
@@ -234,7 +225,7 @@ async def test_valid_messages_reset_the_error_count_and_five_in_a_row_close(runn
             await ws.send_message('{"type":"flush"}')
             for _ in range(5):
                 await ws.send_message('{"type":"config","sample_rate":5}')
-            messages, code = await collect(ws)
+            messages, code = await receive_until_closed(ws)
     codes = [m["code"] for m in messages if m["type"] == "error"]
     assert codes == ["invalid_message"] * 4 + ["invalid_audio"] * 4 + ["invalid_audio"] * 5 + [
         "too_many_errors"
@@ -249,7 +240,7 @@ async def test_oversized_frames_get_message_too_big_and_1009(running_server) -> 
         async with open_websocket_url(running_server.url) as ws:
             await ws.get_message()
             await ws.send_message(b"\x00" * (100 * 1024))
-            messages, code = await collect(ws)
+            messages, code = await receive_until_closed(ws)
         assert messages[-1]["code"] == "message_too_big"
         assert "65536" in messages[-1]["message"]
         assert code == 1009
@@ -261,7 +252,7 @@ async def test_oversized_frames_get_message_too_big_and_1009(running_server) -> 
             except ConnectionClosed as exc:  # cut off while still sending
                 code = exc.reason.code
             else:
-                _, code = await collect(ws)
+                _, code = await receive_until_closed(ws)
         assert code == 1009
 
 
@@ -273,7 +264,7 @@ async def test_max_connections_refuses_with_server_busy_and_1013(running_server)
             await first.get_message()
             await second.get_message()
             async with open_websocket_url(url) as third:
-                messages, code = await collect(third)
+                messages, code = await receive_until_closed(third)
             assert code == 1013
             (refusal,) = messages
             assert refusal["code"] == "server_busy" and refusal["retry_after"] > 0
@@ -298,7 +289,7 @@ async def test_flush_finalizes_now_and_end_sends_the_last_final_then_1000(
             assert "suit" in m["text"].lower() and m["utterance_id"] == 1
             await ws.send_message(speech[: 16000 * 2].tobytes())
             await ws.send_message('{"type":"end"}')
-            messages, code = await collect(ws)
+            messages, code = await receive_until_closed(ws)
     finals = [m for m in messages if m["type"] == "completed"]
     assert [f["utterance_id"] for f in finals] == [2]
     assert finals[0]["start"] >= m["end"]
@@ -325,7 +316,7 @@ async def test_language_the_model_cannot_do_is_an_error(running_server) -> None:
             error = json.loads(await ws.get_message())
             await ws.send_message('{"type":"config","language":"en"}')
             await ws.send_message('{"type":"end"}')
-            messages, code = await collect(ws)
+            messages, code = await receive_until_closed(ws)
     assert error["code"] == "invalid_message" and "English" in error["message"]
     assert messages == [] and code == 1000
 
@@ -340,7 +331,7 @@ async def test_a_silent_connection_stays_open_across_pings(running_server) -> No
             await trio.sleep(2.0)  # ten ping intervals without a message
             assert not ws.closed
             await ws.send_message('{"type":"end"}')
-            _, code = await collect(ws)
+            _, code = await receive_until_closed(ws)
     assert code == 1000
 
 
@@ -349,6 +340,19 @@ async def test_explicit_idle_timeout_closes_with_its_code(running_server) -> Non
     with trio.fail_after(DEADLINE):
         async with open_websocket_url(running_server.url) as ws:
             await ws.get_message()
-            messages, code = await collect(ws)
+            messages, code = await receive_until_closed(ws)
     assert messages[-1]["code"] == "idle_timeout"
     assert code == 1000
+
+
+@pytest.mark.parametrize("server_config", [{"shutdown_grace": 0.0}], indirect=True)
+async def test_a_clients_own_end_is_not_bounded_by_the_drain_grace(running_server, clip) -> None:
+    # shutdown_grace governs draining only; a client's `end` always gets its final.
+    with trio.fail_after(DEADLINE):
+        async with open_websocket_url(running_server.url) as ws:
+            await ws.get_message()
+            await ws.send_message(clip("ldc93s1.wav").tobytes())
+            await ws.send_message('{"type":"end"}')
+            messages, code = await receive_until_closed(ws)
+    assert code == 1000
+    assert "suit" in " ".join(m["text"] for m in messages if m["type"] == "completed").lower()
