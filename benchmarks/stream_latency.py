@@ -18,17 +18,15 @@ import argparse
 import csv
 import os
 import signal
-import socket
 import statistics
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import trio
 
 from stt_server.loadtest.client import StreamResult, read_wav, stream_audio
+from stt_server.loadtest.local import free_port, server_command, wait_until_listening
 from stt_server.loadtest.wer import word_error_rate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,21 +36,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "stt_server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+    cmd = server_command(
+        port,
         "--max-connections",
         "100",
         "--log-level",
@@ -65,17 +51,12 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
         "--control-socket",
         "",
         *extra,
-    ]
+    )
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
+    if not wait_until_listening(port, 120):
+        proc.kill()
+        raise SystemExit("server did not start")
+    return proc
 
 
 async def run_round(

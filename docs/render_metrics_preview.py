@@ -11,10 +11,8 @@ partial latency p50/p95, engine queue depth, and refusals.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +20,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from stt_server.loadtest.client import read_wav, stream_audio
+from stt_server.loadtest.local import free_port, server_command, wait_until_listening
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def scrape(port: int) -> dict:
@@ -176,14 +169,8 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img/metrics-preview.png")
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stt_server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+        server_command(
+            port,
             "--simulate-gpus",
             "24576:3000,24576:9000",
             "--check-interval",
@@ -192,16 +179,11 @@ def main() -> None:
             "",
             "--log-level",
             "warning",
-        ]
+        )
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        if not wait_until_listening(port, 120):
+            raise SystemExit("server did not start")
         series = trio.run(run, port, 45.0)
     finally:
         proc.terminate()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
+
+from stt_server.loadtest.local import server_command
 
 
 async def wait_for_port(port: int, proc: trio.Process) -> None:
@@ -28,19 +29,7 @@ async def test_sigterm_lets_the_speaker_finish_the_sentence_then_closes_1001_and
     clip, free_port, tmp_path
 ) -> None:
     control = tmp_path / "control.sock"
-    cmd = [
-        sys.executable,
-        "-m",
-        "stt_server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(free_port),
-        "--shutdown-grace",
-        "30",
-        "--control-socket",
-        str(control),
-    ]
+    cmd = server_command(free_port, "--shutdown-grace", "30", "--control-socket", str(control))
     proc = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE)
     messages: list[dict] = []
     close_code = None
