@@ -19,6 +19,7 @@ from .admission import RefusalReason
 from .errors import ErrorCode
 
 if TYPE_CHECKING:
+    from .engine import Transcript
     from .server import ServerStatistics
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -76,10 +77,13 @@ class Metrics:
             self.inference.labels(kind)
             self.queue_wait.labels(kind)
 
-    def observe_transcription(self, *, final: bool, queued: float, inference: float) -> None:
+    def observe_transcription(self, transcript: Transcript | None, *, final: bool) -> None:
+        """Record a finished transcription (None: it was superseded or failed; nothing to add)."""
+        if transcript is None:
+            return
         kind = "final" if final else "partial"
-        self.queue_wait.labels(kind).observe(queued)
-        self.inference.labels(kind).observe(inference)
+        self.queue_wait.labels(kind).observe(transcript.queued)
+        self.inference.labels(kind).observe(transcript.inference)
 
     def attach(self, statistics: Callable[[], ServerStatistics]) -> None:
         """Export the server's state, read from ``statistics()`` at each scrape."""

@@ -57,6 +57,8 @@ from .vad import SileroModel
 
 log = logging.getLogger(__name__)
 
+_DRAINING_MESSAGE = "server is draining; try another instance"
+
 #: What a refused client is told to wait before trying again, in seconds.
 RETRY_AFTER_BUSY = 5.0
 
@@ -288,12 +290,16 @@ class Server:
                     if not head.is_websocket:
                         await self._answer_http(stream, head)
                         return
-                    client = Client(peer, client_ip(peer_ip, head, self._trusted_proxies))
+                    creds = credentials(head)
+                    client = Client(
+                        peer,
+                        client_ip(peer_ip, head, self._trusted_proxies),
+                        self._tokens.label_for(creds.token) if self._tokens else None,
+                    )
                     early = self._reject_before_upgrade(head, client)
                     if early is not None:
                         await self._answer(stream, early)
                         return
-                    creds = credentials(head)
                     request = await trio_websocket.wrap_server_stream(
                         connection,
                         ReplayStream(stream, raw),
@@ -302,8 +308,6 @@ class Server:
                     # A browser that offered bearer.<token> fails the connection unless the
                     # subprotocol is echoed, and then could not read why it was refused.
                     ws = await request.accept(subprotocol=creds.subprotocol)
-                    if self._tokens is not None:
-                        client = attrs.evolve(client, label=self._tokens.label_for(creds.token))
                 except BadRequest as exc:
                     await self._answer(stream, json_response(exc.status, {"error": str(exc)}))
                 except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -329,11 +333,7 @@ class Server:
             return json_response(
                 403, {"error": "origin_not_allowed", "message": f"origin {origin} is not allowed"}
             )
-        if (
-            self._tokens is not None
-            and origin is None
-            and self._tokens.label_for(credentials(head).token) is None
-        ):
+        if self._tokens is not None and origin is None and client.label is None:
             self._count_refusal(RefusalReason.UNAUTHORIZED, client, "no valid token")
             return attrs.evolve(
                 json_response(
@@ -406,9 +406,7 @@ class Server:
                 )
                 return
         if self._draining:
-            await self._refuse(
-                ws, client, RefusalReason.DRAINING, "server is draining; try another instance"
-            )
+            await self._refuse(ws, client, RefusalReason.DRAINING, _DRAINING_MESSAGE)
             return
         if len(self.sessions) + self._admitting >= self.max_connections:
             await self._refuse(
@@ -443,9 +441,7 @@ class Server:
             # Draining began while this client waited for GPU readings; it was not among the
             # sessions told to finish, so it must not start.
             self.pool.release(session_id, placed)
-            await self._refuse(
-                ws, client, RefusalReason.DRAINING, "server is draining; try another instance"
-            )
+            await self._refuse(ws, client, RefusalReason.DRAINING, _DRAINING_MESSAGE)
             return
         session = Session(
             ws,

@@ -176,16 +176,15 @@ class Session:
         self._started_wall = time.time()
         self._started = trio.current_time()
         self._close_request: CloseRequest | None = None
-        now = trio.current_time()
         self._message_rate = (
             TokenBucket.full(
-                config.max_messages_per_second, 2 * config.max_messages_per_second, now
+                config.max_messages_per_second, 2 * config.max_messages_per_second, self._started
             )
             if config.max_messages_per_second
             else None
         )
         self._audio_rate = (
-            TokenBucket.full(config.max_realtime_factor, config.audio_burst, now)
+            TokenBucket.full(config.max_realtime_factor, config.audio_burst, self._started)
             if config.max_realtime_factor
             else None
         )
@@ -320,17 +319,17 @@ class Session:
                 message = await self._receive()
             except ConnectionClosed:
                 return None
-            if self._message_rate is not None and self._message_rate.take(1, trio.current_time()):
-                return CloseRequest(
-                    CloseCode.POLICY_VIOLATION,
-                    ErrorCode.RATE_LIMITED,
-                    f"more than {self._config.max_messages_per_second:g} messages per second",
-                )
             if message is None:
                 return CloseRequest(
                     CloseCode.NORMAL,
                     ErrorCode.IDLE_TIMEOUT,
                     f"no message for {self._config.idle_timeout:g} s",
+                )
+            if self._message_rate is not None and self._message_rate.take(1, trio.current_time()):
+                return CloseRequest(
+                    CloseCode.POLICY_VIOLATION,
+                    ErrorCode.RATE_LIMITED,
+                    f"more than {self._config.max_messages_per_second:g} messages per second",
                 )
             try:
                 if len(message) > self._config.max_message_size:
@@ -462,10 +461,7 @@ class Session:
         except Exception as exc:
             self._report_failure(ended.utterance_id, str(exc) or type(exc).__name__)
             return
-        if transcript is not None:
-            self._metrics.observe_transcription(
-                final=True, queued=transcript.queued, inference=transcript.inference
-            )
+        self._metrics.observe_transcription(transcript, final=True)
         text = transcript.text if transcript else ""
         if not text and not shown:
             return  # noise, a cough: the client was never shown anything for it
@@ -524,10 +520,7 @@ class Session:
                     # A lost partial costs nothing: the next one or the final replaces it.
                     log.debug("session %s partial failed: %r", self.session_id, exc)
             self._partial_in_flight = None
-            if transcript is not None:
-                self._metrics.observe_transcription(
-                    final=False, queued=transcript.queued, inference=transcript.inference
-                )
+            self._metrics.observe_transcription(transcript, final=False)
             if transcript is None or not transcript.text:
                 continue
             # Shown only while its utterance is still open and no earlier final is owed, so the
