@@ -3,7 +3,8 @@
     python benchmarks/stream_latency.py --clients 1 2 4 8
 
 Starts ``stt-server`` as a subprocess on a free port (or targets ``--url``), then for each N
-streams the shared clips (``../shared/data``, cycled) at real-time pace from N clients at once.
+streams the clips shipped in ``stt_server/loadtest/clips`` (cycled) at real-time pace from N
+clients at once.
 
 Figures, per N:
   final latency   from the moment the client had sent an utterance's last audio to the arrival
@@ -15,21 +16,20 @@ Figures, per N:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import signal
 import statistics
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import trio
 
 from stt_server.loadtest.client import StreamResult, read_wav, stream_audio
+from stt_server.loadtest.clips import CLIPS_DIR, references
 from stt_server.loadtest.local import free_port, server_command, wait_until_listening
 from stt_server.loadtest.wer import word_error_rate
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = CLIPS_DIR
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,8 +133,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    with (DATA / "manifest.tsv").open() as fh:
-        refs = {r["file"]: r["reference_transcript"] for r in csv.DictReader(fh, delimiter="\t")}
+    refs = references()
     clips = [(name, read_wav(DATA / name), refs[name]) for name in args.clips]
 
     proc = None

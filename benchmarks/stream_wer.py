@@ -3,18 +3,16 @@
     python benchmarks/stream_wer.py                       # defaults
     python benchmarks/stream_wer.py context_seconds=0     # any Config setting as KEY=VALUE
 
-Each clip of ``../shared/data`` is streamed once, as fast as the server takes it (endpointing
-depends on the audio only, so finals are the same as at real-time pace), through an in-process
-server; the same model then transcribes the whole file offline.
+Each clip of ``stt_server/loadtest/clips`` is streamed once, as fast as the server takes it
+(endpointing depends on the audio only, so finals are the same as at real-time pace), through
+an in-process server; the same model then transcribes the whole file offline.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import logging
 import sys
-from pathlib import Path
 
 import attrs
 import numpy as np
@@ -22,11 +20,12 @@ import trio
 
 from stt_server.config import Config
 from stt_server.loadtest.client import read_wav, stream_audio
+from stt_server.loadtest.clips import CLIPS_DIR, references
 from stt_server.loadtest.wer import word_error_rate
 from stt_server.server import serve
 from stt_server.whisper import WhisperModel
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = CLIPS_DIR
 
 
 def parse_overrides(args: list[str]) -> dict[str, object]:
@@ -70,6 +69,5 @@ if __name__ == "__main__":
         max_messages_per_second=0.0,
     )
     config = attrs.evolve(base, **parse_overrides(sys.argv[1:]))
-    with (DATA / "manifest.tsv").open() as fh:
-        clips = list(csv.DictReader(fh, delimiter="\t"))
+    clips = [{"file": f, "reference_transcript": r} for f, r in references().items()]
     trio.run(main, config, WhisperModel.load(config, device="cpu"), clips)

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python docs/render_console_screenshot.py docs/img/admin-console.svg
 
-Runs a server on two simulated GPUs, 8 clients streaming the shared clips at real time, kicks
+Runs a server on two simulated GPUs, 8 clients streaming the shipped clips at real time, kicks
 one of them, and saves what stt-admin shows at 120x32 after 20 s.
 """
 
@@ -19,9 +19,10 @@ from admin_tui.app import AdminApp
 from admin_tui.client import ControlClient
 from stt_server.config import Config
 from stt_server.loadtest.client import read_wav, stream_audio
+from stt_server.loadtest.clips import CLIPS_DIR
 from stt_server.server import serve
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = CLIPS_DIR
 
 
 async def main(out: Path) -> None:

@@ -3,7 +3,7 @@
     .venv/bin/pip install matplotlib
     HF_HUB_OFFLINE=1 .venv/bin/python docs/render_metrics_preview.py docs/img/metrics-preview.png
 
-Starts stt-server on two simulated GPUs, streams the shared clips from 6 clients at real time
+Starts stt-server on two simulated GPUs, streams the shipped clips from 6 clients at real time
 (staggered), scrapes /metrics every 0.5 s, and plots what the dashboard plots, with the same
 PromQL arithmetic done by hand: active sessions, GPU memory and sessions per GPU, final and
 partial latency p50/p95, engine queue depth, and refusals.
@@ -20,9 +20,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from stt_server.loadtest.client import read_wav, stream_audio
+from stt_server.loadtest.clips import CLIPS_DIR
 from stt_server.loadtest.local import free_port, server_command, wait_until_listening
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = CLIPS_DIR
 
 
 async def scrape(port: int) -> dict:

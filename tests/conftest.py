@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -20,10 +19,12 @@ from trio_websocket import ConnectionClosed
 
 from stt_server.config import Config
 from stt_server.loadtest.client import read_wav
+from stt_server.loadtest.clips import CLIPS_DIR
+from stt_server.loadtest.clips import references as clip_references
 from stt_server.server import Server, serve
 from stt_server.whisper import WhisperModel
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = CLIPS_DIR
 
 #: Sentences synthesised with espeak-ng for tests that need more, and distinct, speakers.
 #: Chosen because tiny.en transcribes them without error offline at 8, 16 and 48 kHz, so a
@@ -36,10 +37,7 @@ SYNTHETIC = {
 
 @pytest.fixture(scope="session")
 def references() -> dict[str, str]:
-    with (DATA / "manifest.tsv").open() as fh:
-        return {
-            row["file"]: row["reference_transcript"] for row in csv.DictReader(fh, delimiter="\t")
-        }
+    return clip_references()
 
 
 @pytest.fixture(scope="session")
