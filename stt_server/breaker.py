@@ -12,6 +12,15 @@ Theory of operation
     Exactly one trial: the first new session may be placed here, and the next inference outcome
     decides. Success closes the breaker, failure opens it again for another cool-down.
 
+    A trial has ``trial_timeout`` seconds to decide. A trial session that stays silent (or
+    leaves, see :meth:`abandon_trial`) produces no inference at all; without a deadline the
+    breaker would stay half-open with its one trial spent and take no session ever again. Once
+    the deadline passes, the breaker stays half-open and the *next* new session gets the trial.
+    Neither other choice is right: closing would trust a device that proved nothing, and
+    reopening would punish it for a user's silence (with a silent user at every trial, a healthy
+    GPU would never come back). The silent session stays where it is; should it speak after
+    all, its outcome still decides like any other.
+
 Every transition is recorded (and counted per target state) so the control socket and
 ``/metrics`` can show how often a device has tripped and why.
 """
@@ -56,16 +65,25 @@ _HISTORY = 32
 
 class CircuitBreaker:
     def __init__(
-        self, name: str, *, failure_threshold: int, cooldown: float, clock: Callable[[], float]
+        self,
+        name: str,
+        *,
+        failure_threshold: int,
+        cooldown: float,
+        clock: Callable[[], float],
+        trial_timeout: float | None = None,
     ) -> None:
         self.name = name
         self._threshold = failure_threshold
         self._cooldown = cooldown
+        #: Seconds a granted trial has to produce an outcome; by default, one cool-down.
+        self._trial_timeout = cooldown if trial_timeout is None else trial_timeout
         self._clock = clock
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
         self._trial_granted = False
+        self._trial_granted_at = 0.0
         self._opened = 0
         self.history: collections.deque[Transition] = collections.deque(maxlen=_HISTORY)
 
@@ -111,17 +129,37 @@ class CircuitBreaker:
         self._move(BreakerState.CLOSED, reason)
 
     def allows_new_session(self) -> bool:
-        """May a new session be placed here? In half-open, yes exactly once (the trial)."""
-        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self._cooldown:
+        """May a new session be placed here? In half-open, yes once per trial (see above)."""
+        now = self._clock()
+        if self._state is BreakerState.OPEN and now - self._opened_at >= self._cooldown:
             self._move(BreakerState.HALF_OPEN, f"cool-down of {self._cooldown:g} s over")
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._trial_granted
+            and now - self._trial_granted_at >= self._trial_timeout
+        ):
+            self.abandon_trial(f"no outcome within {self._trial_timeout:g} s")
         return self._state is BreakerState.CLOSED or (
             self._state is BreakerState.HALF_OPEN and not self._trial_granted
         )
 
-    def grant_trial(self) -> None:
-        """The admission decided to use this device's half-open trial."""
-        if self._state is BreakerState.HALF_OPEN:
-            self._trial_granted = True
+    def grant_trial(self) -> bool:
+        """The admission decided to use this device's half-open trial. Returns whether this
+        placement is the trial (False when the breaker is closed)."""
+        if self._state is not BreakerState.HALF_OPEN:
+            return False
+        self._trial_granted = True
+        self._trial_granted_at = self._clock()
+        return True
+
+    def abandon_trial(self, reason: str) -> None:
+        """The trial session proved nothing (silent past the deadline, or gone without a single
+        inference): the next new session gets the trial."""
+        if self._state is BreakerState.HALF_OPEN and self._trial_granted:
+            log.warning(
+                "breaker %s: trial abandoned (%s); next session is the trial", self.name, reason
+            )
+            self._trial_granted = False
 
     def statistics(self) -> BreakerStatistics:
         return BreakerStatistics(
