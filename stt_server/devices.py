@@ -18,7 +18,7 @@ from .admission import AdmissionSettings, Candidate, Decision, RefusalReason, pl
 from .breaker import BreakerState, BreakerStatistics, CircuitBreaker
 from .config import Config
 from .engine import Engine, EngineStatistics, SpeechModel
-from .gpu import GpuMonitor, GpuReading, NvmlSource, NvmlUnavailable, SimulatedSource
+from .gpu import GpuMonitor, GpuReading, GpuSource, NvmlSource, NvmlUnavailable, SimulatedSource
 from .whisper import WhisperModel, cuda_device_count
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class Device:
     index: int | None = None  # GPU index; None for the CPU device
     breaker: CircuitBreaker | None = None
     sessions: set[Hashable] = attrs.Factory(set)
+    #: The session last granted this device's half-open trial (it may have decided already).
+    trial: Hashable | None = None
 
 
 @attrs.frozen
@@ -95,6 +97,12 @@ class DevicePool:
 
     def release(self, key: Hashable, device: Device) -> None:
         device.sessions.discard(key)
+        if device.trial == key:
+            # A trial session that leaves before any inference proved nothing: if the breaker
+            # is still waiting on it, the next session gets the trial now, not at its deadline.
+            device.trial = None
+            if device.breaker is not None:
+                device.breaker.abandon_trial("trial session left")
 
     def _place(self, key: Hashable, exclude: Device | None) -> Device | Decision:
         if self.monitor is None:
@@ -116,7 +124,8 @@ class DevicePool:
         if decision.index is None:
             return decision
         device = by_index[decision.index]
-        device.breaker.grant_trial()
+        if device.breaker.grant_trial():
+            device.trial = key
         device.sessions.add(key)
         return device
 
@@ -192,10 +201,18 @@ class DevicePool:
         )
 
 
-async def open_pool(config: Config, model: SpeechModel | None = None) -> DevicePool:
+async def open_pool(
+    config: Config,
+    model: SpeechModel | None = None,
+    *,
+    nvml: Callable[[], GpuSource] = NvmlSource.open,
+    cuda_devices: Callable[[], int] = cuda_device_count,
+) -> DevicePool:
     """Build the devices ``config`` asks for: simulated GPUs, real GPUs (NVML), or the CPU.
 
-    ``model`` (tests) is used for every device instead of loading one.
+    ``model`` (tests) is used for every device instead of loading one. ``nvml`` opens the GPU
+    readings (raising :class:`NvmlUnavailable` where there are none) and ``cuda_devices`` counts
+    CUDA devices; tests pass their own so that what they check does not depend on the host.
     """
     breaker_clock = trio.current_time
 
@@ -240,11 +257,11 @@ async def open_pool(config: Config, model: SpeechModel | None = None) -> DeviceP
     wants_gpu = config.device in ("auto", "cuda")
     if wants_gpu and config.enable_gpu_monitoring:
         try:
-            nvml = NvmlSource.open()
+            source = nvml()
         except NvmlUnavailable as exc:
             log.info("NVML unavailable (%s)", exc)
         else:
-            readings = nvml.read()
+            readings = source.read()
             log.info(
                 "GPU monitoring on %d GPU(s): %s",
                 len(readings),
@@ -260,10 +277,12 @@ async def open_pool(config: Config, model: SpeechModel | None = None) -> DeviceP
                 for r in readings
             ]
             return DevicePool(
-                devices, monitor=GpuMonitor(nvml, interval=config.check_interval), settings=settings
+                devices,
+                monitor=GpuMonitor(source, interval=config.check_interval),
+                settings=settings,
             )
 
-    device = "cuda" if config.device == "cuda" or (wants_gpu and cuda_device_count() > 0) else "cpu"
+    device = "cuda" if config.device == "cuda" or (wants_gpu and cuda_devices() > 0) else "cpu"
     if device == "cpu":
         log.info("no GPU in use: running inference on the CPU; admission by max_connections")
     else:

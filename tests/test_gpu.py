@@ -17,11 +17,12 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from stt_server.admission import Decision, RefusalReason
 from stt_server.breaker import BreakerState
 from stt_server.config import Config
 from stt_server.devices import open_pool
 from stt_server.engine import TranscribeOptions
-from stt_server.gpu import GpuMonitor, GpuReading, NvmlSource
+from stt_server.gpu import GpuMonitor, GpuReading, GpuSource, NvmlSource, NvmlUnavailable
 
 from .conftest import receive_until_closed, wait_until
 
@@ -199,14 +200,123 @@ async def test_all_gpus_down_gives_server_busy_and_the_sessions_are_closed_clean
     assert close == 1013
 
 
-async def test_without_gpus_the_cpu_engine_serves_and_says_so(speech_model, caplog) -> None:
+class NoNvml:
+    """What NvmlSource.open does on a host without a driver."""
+
+    def __call__(self) -> GpuSource:
+        raise NvmlUnavailable("NVML Shared Library Not Found")
+
+
+@attrs.frozen
+class FakeNvml:
+    """An opened NVML with fixed readings: what NvmlSource.open returns on a GPU host."""
+
+    readings: tuple[GpuReading, ...]
+    real: bool = True
+
+    def read(self) -> list[GpuReading]:
+        return list(self.readings)
+
+
+@attrs.define
+class Instant:
+    """A model that answers at once, or fails as CUDA does when out of memory while ``oom``."""
+
+    name: str = "instant"
+    oom: bool = False
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        if self.oom:
+            raise RuntimeError("CUDA failed with error out of memory")
+        return "ok"
+
+
+def no_cuda() -> int:
+    return 0
+
+
+async def test_without_gpus_the_cpu_engine_serves_and_says_so(caplog) -> None:
+    # The host's own GPUs, if any, play no part: NVML and CUDA are given, not looked up.
     caplog.set_level("INFO")
-    pool = await open_pool(Config(), speech_model)  # this machine has no NVML
+    pool = await open_pool(Config(), Instant(), nvml=NoNvml(), cuda_devices=no_cuda)
     assert not pool.gpu_mode
     assert [d.label for d in pool.devices] == ["cpu"]
+    assert "NVML unavailable (NVML Shared Library Not Found)" in caplog.text
     assert "running inference on the CPU" in caplog.text
-    off = await open_pool(Config(enable_gpu_monitoring=False, device="cpu"), speech_model)
-    assert not off.gpu_mode
+    off = await open_pool(
+        Config(enable_gpu_monitoring=False, device="cpu"),
+        Instant(),
+        nvml=lambda: FakeNvml((GpuReading(0, "H100", 81559, 0),)),
+        cuda_devices=lambda: 1,
+    )
+    assert not off.gpu_mode and [d.label for d in off.devices] == ["cpu"]
+
+
+async def test_with_nvml_gpus_each_gets_an_engine_a_breaker_and_vram_admission(caplog) -> None:
+    caplog.set_level("INFO")
+    nvml = FakeNvml((GpuReading(0, "H100", 81559, 600), GpuReading(1, "H100", 81559, 40000)))
+    pool = await open_pool(Config(), Instant(), nvml=lambda: nvml, cuda_devices=no_cuda)
+    assert pool.gpu_mode and pool.monitor.source is nvml
+    assert [(d.label, d.index) for d in pool.devices] == [("cuda:0", 0), ("cuda:1", 1)]
+    assert all(d.breaker is not None for d in pool.devices)
+    assert "GPU monitoring on 2 GPU(s): 0=H100 81559 MB, 1=H100 81559 MB" in caplog.text
+    # NVML present but monitoring off: CUDA device 0, no VRAM admission.
+    off = await open_pool(
+        Config(enable_gpu_monitoring=False), Instant(), nvml=lambda: nvml, cuda_devices=lambda: 2
+    )
+    assert not off.gpu_mode and [d.label for d in off.devices] == ["cuda:0"]
+
+
+FINAL = TranscribeOptions(final=True)
+
+
+async def test_a_silent_trial_session_does_not_keep_the_breaker_half_open(mock_clock) -> None:
+    """Through the device pool on trio's clock, moved by hand: the trial granted after the
+    cool-down goes to a session that never speaks; one cool-down later the next session gets
+    the trial, and its success closes the breaker."""
+    model = Instant(oom=True)
+    pool = await open_pool(Config(**gpus("8000:0", breaker_cooldown=10.0)), model)
+    device = pool.devices[0]
+    audio = np.zeros(1600, dtype=np.float32)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        assert await pool.admit("first") is device
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await device.engine.transcribe(audio, FINAL, owner="first")
+        assert device.breaker.state is BreakerState.OPEN
+        mock_clock.jump(10)
+        assert await pool.admit("silent") is device  # the trial; it never sends speech
+        assert device.breaker.state is BreakerState.HALF_OPEN
+        refused = await pool.admit("second")
+        assert isinstance(refused, Decision)
+        assert refused.refusal is RefusalReason.GPUS_UNAVAILABLE
+        mock_clock.jump(9.9)
+        assert isinstance(await pool.admit("third"), Decision)
+        assert not pool.any_device_available()
+        mock_clock.jump(0.1)
+        assert pool.any_device_available()  # /health would say so again
+        model.oom = False
+        assert await pool.admit("speaker") is device
+        assert device.sessions == {"first", "silent", "speaker"}
+        await device.engine.transcribe(audio, FINAL, owner="speaker")
+        assert device.breaker.state is BreakerState.CLOSED
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_trial_session_that_leaves_silent_frees_the_trial_at_once(mock_clock) -> None:
+    pool = await open_pool(Config(**gpus("8000:0", breaker_cooldown=10.0)), Instant())
+    device = pool.devices[0]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        device.breaker.trip("memory 90% over the 85% threshold")
+        mock_clock.jump(10)
+        assert await pool.admit("trial") is device
+        assert isinstance(await pool.admit("waiting"), Decision)
+        pool.release("trial", device)  # hung up before saying anything
+        assert await pool.admit("next") is device  # no need to wait out the deadline
+        assert device.breaker.state is BreakerState.HALF_OPEN
+        assert isinstance(await pool.admit("after"), Decision)  # "next" holds the trial now
+        nursery.cancel_scope.cancel()
 
 
 class FakeNvmlError(Exception):
