@@ -22,8 +22,10 @@ def float_to_pcm16(samples: np.ndarray) -> bytes:
 class Resampler:
     """Per-session streaming converter from the client's rate to 16 kHz.
 
-    soxr keeps filter state between chunks, so chunk boundaries leave no clicks; a rate change
-    drains the old stream first so no audio is lost at the switch.
+    soxr keeps filter state between chunks, so the output is bit-identical however the input is
+    cut into chunks, down to one sample each: chunk boundaries leave no clicks (checked on sine
+    sweeps at 8, 22.05, 44.1 and 48 kHz by ``tests/test_audio.py``). A rate change drains the old
+    stream first so no audio is lost at the switch.
     """
 
     def __init__(self, input_rate: int) -> None:
