@@ -3,8 +3,11 @@
 faster-whisper runs Silero over a whole file at once. The ONNX graph it ships treats its batch
 dimension as time and threads the LSTM state (``h``, ``c``) through it, so feeding the same
 windows in pieces while carrying ``h``, ``c`` and the 64-sample context gives bit-identical
-probabilities (checked by ``tests/test_vad.py``). That lets every session keep its own few
-hundred bytes of state while all sessions share one ONNX session.
+probabilities: the same float32 values whether the audio arrives whole, in chunks that never
+line up with windows, or one sample at a time, and the same as faster-whisper's whole-file VAD
+on the same audio (``tests/test_vad.py`` asserts exact equality; onnxruntime runs each window
+through the same single-threaded kernels whatever the batch size). That lets every session keep
+its own few hundred bytes of state while all sessions share one ONNX session.
 """
 
 from __future__ import annotations
