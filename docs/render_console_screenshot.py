@@ -33,6 +33,7 @@ async def main(out: Path) -> None:
         control_socket=str(socket_path),
         simulate_gpus="24576:6000,24576:11000",
         max_connections=40,
+        max_sessions_per_ip=0,  # eight clients from 127.0.0.1
         log_level="warning",
     )
     clips = [read_wav(DATA / n) for n in ("cats.wav", "lucier.wav", "jfk.wav")]

@@ -176,6 +176,9 @@ def main() -> None:
             "24576:3000,24576:9000",
             "--check-interval",
             "1",
+            # Six clients from one address: more than the per-address default of 5.
+            "--max-sessions-per-ip",
+            "0",
             "--control-socket",
             "",
             "--log-level",

@@ -15,7 +15,7 @@ import hmac
 import ipaddress
 import secrets
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import attrs
 
@@ -92,7 +92,7 @@ def credentials(head: RequestHead) -> Credentials:
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return Credentials(value.strip())
-    query = parse_qs(urlsplit(head.target).query)
+    query = parse_qs(head.query)
     if query.get("token"):
         return Credentials(query["token"][0])
     for proto in head.headers.get("sec-websocket-protocol", "").split(","):
@@ -116,10 +116,13 @@ def client_ip(
     peer_ip: str,
     head: RequestHead,
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+    real_ip_header: str = "",
 ) -> str:
-    """The address a limit should count: the socket peer, unless the peer is a trusted proxy,
-    in which case ``X-Real-IP`` or the nearest untrusted hop of ``X-Forwarded-For``. Headers
-    from anyone else are ignored, since anyone can forge them."""
+    """The address a limit should count: the socket peer, unless the peer is a trusted proxy.
+    Then ``real_ip_header`` (only when configured: a proxy that does not set it would let the
+    client set it) or else the right-most ``X-Forwarded-For`` hop that is not a trusted proxy,
+    since every proxy appends the address it saw and only our own proxies' entries can be
+    believed. Headers from anyone else are ignored, since anyone can forge them."""
 
     def is_trusted(address: str) -> bool:
         try:
@@ -130,9 +133,10 @@ def client_ip(
 
     if not is_trusted(peer_ip):
         return peer_ip
-    real = head.headers.get("x-real-ip", "").strip()
-    if real and _valid_ip(real):
-        return real
+    if real_ip_header:
+        real = head.headers.get(real_ip_header.lower(), "").strip()
+        if real and _valid_ip(real):
+            return real
     hops = [h.strip() for h in head.headers.get("x-forwarded-for", "").split(",") if h.strip()]
     for hop in reversed(hops):  # the right end was appended by our own proxies
         if not _valid_ip(hop):
@@ -140,6 +144,24 @@ def client_ip(
         if not is_trusted(hop):
             return hop
     return peer_ip
+
+
+#: IPv6 hosts get a /64 each (RFC 6177), and one host can use all of it: limits count per /64.
+IPV6_PREFIX = 64
+
+
+def address_key(ip: str) -> str:
+    """What per-address limits count: an IPv4 address, or the /64 network of an IPv6 one
+    (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return str(address)
 
 
 def _valid_ip(text: str) -> bool:

@@ -9,6 +9,7 @@ setting documented here is a setting that exists in both places.
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -228,6 +229,11 @@ class Config:
         "final transcripts queued for one slow client before it is disconnected",
         validator=_positive,
     )
+    max_pending_bytes: int = _setting(
+        1 * MiB,
+        "bytes of messages queued for one slow client before it is disconnected",
+        validator=_positive,
+    )
     shutdown_grace: float = _setting(
         10.0, "seconds sessions get to finish on SIGTERM/SIGINT", validator=_non_negative
     )
@@ -247,15 +253,39 @@ class Config:
     )
     trusted_proxies: str = _setting(
         "",
-        "comma-separated addresses/networks of reverse proxies whose X-Real-IP / "
-        "X-Forwarded-For is believed (e.g. 127.0.0.1,10.0.0.0/8)",
+        "comma-separated addresses/networks of reverse proxies whose X-Forwarded-For is "
+        "believed (the right-most address not in this list is the client; e.g. "
+        "127.0.0.1,10.0.0.0/8)",
         metavar="NETWORKS",
     )
+    real_ip_header: str = _setting(
+        "",
+        "header that trusted proxies set to the client address (e.g. X-Real-IP); "
+        "empty = use X-Forwarded-For only",
+        metavar="HEADER",
+    )
     connections_per_minute: int = _setting(
-        120, "new connections per client IP per minute (0 = no limit)", validator=_non_negative
+        120,
+        "new WebSocket connections per client address per minute, counted before the token "
+        "check (0 = no limit; IPv6 addresses count per /64)",
+        validator=_non_negative,
     )
     max_sessions_per_ip: int = _setting(
-        20, "concurrent sessions per client IP (0 = no limit)", validator=_non_negative
+        5,
+        "concurrent sessions per client address (0 = no limit; IPv6 counts per /64); keep it "
+        "below max_connections so that one address cannot take every slot",
+        validator=_non_negative,
+    )
+    max_handshakes: int = _setting(
+        256,
+        "connections at once that have not finished their handshake; more are closed at once",
+        validator=_positive,
+    )
+    max_handshakes_per_ip: int = _setting(
+        16,
+        "connections at once from one address (IPv6: /64) that have not finished their "
+        "handshake (trusted proxies are exempt)",
+        validator=_positive,
     )
     max_sessions_per_token: int = _setting(
         50, "concurrent sessions per token (0 = no limit)", validator=_non_negative
@@ -272,8 +302,8 @@ class Config:
     )
     max_messages_per_second: float = _setting(
         100.0,
-        "messages per second per session, sustained; bursts of twice that are allowed "
-        "(0 = no limit)",
+        "WebSocket frames per second per session (messages, their fragments, pings and pongs), "
+        "sustained; bursts of twice that are allowed (0 = no limit)",
         validator=_non_negative,
     )
     max_session_length: float = _setting(
@@ -314,6 +344,11 @@ class Config:
     )
 
     def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            # NaN passes every comparison-based validator (nan <= 0 is False), so check first.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{field.name} must be a finite number, got {value!r}")
         if self.min_speech >= self.max_utterance:
             raise ConfigError("min_speech must be shorter than max_utterance")
 
@@ -331,6 +366,8 @@ class Config:
                 raise ConfigError(f"{source}: {name} must be {expected.__name__}, got bool")
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if known[name].metadata.get("parse") is _optional_text and isinstance(value, str):
+                value = _optional_text(value)  # language = "" means detect, as the flag does
             if (
                 value is not None
                 and known[name].default is not None

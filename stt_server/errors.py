@@ -8,6 +8,8 @@ Each error carries the wire ``error_code`` and, where the session must end, the 
 from __future__ import annotations
 
 import enum
+import json
+from typing import Any
 
 #: Consecutive client errors after which a session is closed (1008).
 MAX_CONSECUTIVE_ERRORS = 5
@@ -28,6 +30,9 @@ class ErrorCode(enum.StrEnum):
     SESSION_TOO_LONG = "session_too_long"
     #: Informational: the session's GPU failed and it continues on another one.
     DEVICE_CHANGED = "device_changed"
+    #: Something failed inside the server while serving this client; the details are in the
+    #: server's log (under the session id), never on the wire.
+    INTERNAL_ERROR = "internal_error"
 
 
 class CloseCode(enum.IntEnum):
@@ -35,9 +40,30 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
     KICKED = 4000
     UNAUTHORIZED = 4401
+
+
+#: Longest piece of a client's input quoted back in an error message.
+EXCERPT_CHARS = 40
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short, escaped quotation of client input for an error message: JSON-escaped (no control
+    characters or markup reach a log line or a browser), cut to ``limit`` characters."""
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value[: limit * 2]).decode("latin-1")
+    if isinstance(value, str):
+        # Cut before escaping, so a megabyte string costs no more than a short one.
+        text = json.dumps(value[: limit * 2])
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = json.dumps(type(value).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SttError(Exception):
@@ -63,11 +89,15 @@ class InvalidAudio(SttError):
     error_code = ErrorCode.INVALID_AUDIO
 
 
-class AudioTooFast(SttError):
-    """Audio beyond the allowed real-time ratio: the session ends (its finals still sent)."""
+class RateLimited(SttError):
+    """More than the session's allowance: the session ends (its finals still sent)."""
 
     error_code = ErrorCode.RATE_LIMITED
     close_code = CloseCode.POLICY_VIOLATION
+
+
+class AudioTooFast(RateLimited):
+    """Audio beyond the allowed real-time ratio."""
 
 
 class MessageTooBig(SttError):

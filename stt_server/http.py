@@ -8,6 +8,8 @@ health-check and Prometheus can scrape the very port the clients use.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +18,8 @@ from urllib.parse import urlsplit
 import attrs
 import h11
 import trio
+
+from .errors import excerpt
 
 #: A request head larger than this is refused (431): real ones are a few hundred bytes.
 MAX_HEAD_BYTES = 16 * 1024
@@ -27,7 +31,9 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -43,32 +49,73 @@ class RequestHead:
     method: str
     target: str
     headers: dict[str, str]
-
-    @property
-    def path(self) -> str:
-        return urlsplit(self.target).path or "/"
+    #: Parsed once, at the boundary: code that reads these can never meet a malformed URL.
+    path: str = "/"
+    query: str = ""
 
     @property
     def is_websocket(self) -> bool:
         return "websocket" in self.headers.get("upgrade", "").lower()
 
 
+def _split_target(target: str) -> tuple[str, str]:
+    """Path and query of a request target, or 400: urllib raises on targets such as ``//[``."""
+    if not target.startswith("/"):
+        # Absolute-form (a proxy request) or ``*``: nothing this server serves.
+        raise BadRequest(400, "request target must be a path")
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        raise BadRequest(400, "malformed request target") from None
+    return parts.path or "/", parts.query
+
+
+def _check_websocket_upgrade(headers: dict[str, str]) -> None:
+    """The handshake fields wsproto insists on, checked here so that a bad upgrade gets a clear
+    400 at once instead of a half-finished handshake that holds the connection until timeout."""
+    if "upgrade" not in {t.strip().lower() for t in headers.get("connection", "").split(",")}:
+        raise BadRequest(400, "WebSocket upgrade needs 'Connection: Upgrade'")
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        raise BadRequest(400, "only WebSocket version 13 is supported")
+    key = headers.get("sec-websocket-key", "").strip()
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid_key = False
+    if not valid_key:
+        raise BadRequest(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+
+
 def parse_request_head(raw: bytes) -> RequestHead:
-    """Parse bytes that contain a complete head (up to the blank line)."""
+    """Parse bytes that contain a complete head (up to the blank line).
+
+    Everything past this function sees only ASCII: h11 lets bytes 0x80-0xFF through in header
+    values (obs-text), which wsproto and urllib would later choke on with exceptions of their
+    own, so they are refused here with a 400.
+    """
     connection = h11.Connection(h11.SERVER)
     try:
         connection.receive_data(raw)
         event = connection.next_event()
     except h11.RemoteProtocolError as exc:
-        raise BadRequest(400, f"malformed request: {exc}") from None
+        raise BadRequest(400, f"malformed request: {excerpt(str(exc), 80)}") from None
     if not isinstance(event, h11.Request):
         raise BadRequest(400, "malformed request")
+    if not event.target.isascii():
+        raise BadRequest(400, "request target must be ASCII")
     headers: dict[str, str] = {}
     for name, value in event.headers:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
+        if not value.isascii():
+            raise BadRequest(400, "header values must be ASCII")
+        key = name.decode("ascii").lower()
+        text = value.decode("ascii")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return RequestHead(event.method.decode("ascii"), event.target.decode("latin-1"), headers)
+    target = event.target.decode("ascii")
+    path, query = _split_target(target)
+    head = RequestHead(event.method.decode("ascii"), target, headers, path, query)
+    if head.is_websocket:
+        _check_websocket_upgrade(headers)
+    return head
 
 
 async def read_request_head(stream: trio.abc.ReceiveStream) -> tuple[RequestHead, bytes]:

@@ -1,7 +1,7 @@
 """A session's bounded outbox: finals are never dropped, a partial is replaced by the next.
 
 Messages that must arrive (the ``session`` greeting, ``completed`` and ``error``) wait in a FIFO
-of at most ``max_pending`` entries; overflowing it means the client has stopped reading for so
+of at most ``max_pending`` entries and ``max_bytes`` bytes (UTF-8); overflowing it means the client has stopped reading for so
 long that it is treated as gone (:class:`OutboxOverflow`). Partials sit in a single slot that the
 next partial overwrites, behind the FIFO, so a slow reader sees fewer, fresher partials and never
 a partial of an utterance that has already been completed.
@@ -19,9 +19,11 @@ class OutboxOverflow(Exception):
 
 
 class Outbox:
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, max_bytes: int) -> None:
         self._max = max_pending
-        self._reliable: collections.deque[str] = collections.deque()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._reliable: collections.deque[tuple[str, int]] = collections.deque()
         self._partial: tuple[int, str] | None = None
         self._closed = False
         self._lot = trio.lowlevel.ParkingLot()
@@ -32,7 +34,11 @@ class Outbox:
             raise trio.ClosedResourceError("outbox is closed")
         if len(self._reliable) >= self._max:
             raise OutboxOverflow(f"{len(self._reliable)} messages are waiting unread")
-        self._reliable.append(message)
+        size = len(message.encode())
+        if self._bytes + size > self._max_bytes:
+            raise OutboxOverflow(f"{self._bytes + size} bytes are waiting unread")
+        self._reliable.append((message, size))
+        self._bytes += size
         self._lot.unpark_all()
 
     def put_final(self, message: str, utterance_id: int) -> None:
@@ -60,7 +66,9 @@ class Outbox:
     async def get(self) -> str | None:
         while True:
             if self._reliable:
-                return self._reliable.popleft()
+                message, size = self._reliable.popleft()
+                self._bytes -= size
+                return message
             if self._partial is not None:
                 message, self._partial = self._partial[1], None
                 return message

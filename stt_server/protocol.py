@@ -14,7 +14,9 @@ from typing import Any
 
 import attrs
 
-from .errors import InvalidAudio, InvalidMessage
+from . import jsonlimits
+from .errors import InvalidAudio, InvalidMessage, excerpt
+from .jsonlimits import JsonRejected
 
 #: Sample rates a client may declare; anything else is resampled from this range to 16 kHz.
 MIN_SAMPLE_RATE = 8000
@@ -54,7 +56,7 @@ ClientEvent = AudioChunk | ConfigUpdate | Flush | End
 def _sample_rate(value: Any) -> int:
     # bool is an int subclass; "sample_rate": true is a client bug, not 1 Hz.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidAudio(f"sample_rate must be an integer, got {json.dumps(value)}")
+        raise InvalidAudio(f"sample_rate must be an integer, got {excerpt(value)}")
     if not MIN_SAMPLE_RATE <= value <= MAX_SAMPLE_RATE:
         raise InvalidAudio(
             f"sample_rate {value} is outside the supported {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
@@ -73,7 +75,7 @@ def _language(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or not 2 <= len(value) <= 8 or not value.isascii():
         raise InvalidMessage(
-            f'language must be a short language code like "en", got {json.dumps(value)[:40]}'
+            f'language must be a short language code like "en", got {excerpt(value)}'
         )
     return value.lower()
 
@@ -83,11 +85,9 @@ def parse_client_message(message: str | bytes) -> ClientEvent:
     if isinstance(message, bytes):
         return AudioChunk(_check_pcm(message))
     try:
-        obj = json.loads(message)
-    except (json.JSONDecodeError, RecursionError):
-        raise InvalidMessage("text frames must be JSON objects") from None
-    if not isinstance(obj, dict):
-        raise InvalidMessage("text frames must be JSON objects")
+        obj = jsonlimits.loads_object(message)
+    except JsonRejected as exc:
+        raise InvalidMessage(f"text frames must be JSON objects ({exc})") from None
     kind = obj.get("type")
     if kind == "audio":
         data = obj.get("data")
@@ -111,7 +111,7 @@ def parse_client_message(message: str | bytes) -> ClientEvent:
         return End()
     if kind is None:
         raise InvalidMessage('message has no "type"')
-    raise InvalidMessage(f"unknown message type {json.dumps(kind)[:40]}")
+    raise InvalidMessage(f"unknown message type {excerpt(kind)}")
 
 
 # --- server -> client ---------------------------------------------------------------------------

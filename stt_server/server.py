@@ -12,25 +12,27 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import ipaddress
 import logging
 import secrets
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
-import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from . import websocket
 from .admission import Decision, RefusalReason
-from .auth import TokenStore, client_ip, credentials, parse_networks
+from .auth import TokenStore, address_key, client_ip, credentials, parse_networks
 from .config import Config
 from .control import ControlServer, resolve_socket_path
 from .devices import Device, DevicePool, DeviceStatistics, open_pool
 from .engine import SpeechModel
-from .errors import CloseCode, ErrorCode
+from .errors import CloseCode, ErrorCode, excerpt
 from .http import (
     BadRequest,
     ReplayStream,
@@ -46,6 +48,7 @@ from .protocol import error_message
 from .ratelimit import KeyedLimiter
 from .session import (
     CLOSE_TIMEOUT,
+    INTERNAL_ERROR_MESSAGE,
     CloseRequest,
     LanguageCheck,
     Session,
@@ -54,6 +57,7 @@ from .session import (
 )
 from .systemd import Notifier
 from .vad import SileroModel
+from .websocket import FrameLimits
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,36 @@ _DRAINING_MESSAGE = "server is draining; try another instance"
 #: What a refused client is told to wait before trying again, in seconds.
 RETRY_AFTER_BUSY = 5.0
 
-#: trio-websocket buffers a whole message before we see it, and closes with a bare 1009 past its
-#: own limit. Giving it twice ours lets every frame up to that size get a ``message_too_big``
-#: error first, while anything larger is still cut off without being held in memory.
-_TRANSPORT_SIZE_FACTOR = 2
+#: How long a refused client has to answer our close before the socket is just closed.
+REFUSAL_CLOSE_WAIT = 1.0
+
+#: The refusal counter's key for connections dropped because too many handshakes were open.
+HANDSHAKE_LIMIT = "handshake_limit"
+
+
+@attrs.frozen
+class Refusal:
+    """Why a client gets no session, as it is counted, told and closed."""
+
+    reason: RefusalReason
+    message: str
+    code: ErrorCode = ErrorCode.SERVER_BUSY
+    close: CloseCode = CloseCode.TRY_AGAIN_LATER
+    retry_after: float | None = RETRY_AFTER_BUSY
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """What the firewall around a connection knows when something fails inside it."""
+
+    peer: str
+    peer_ip: str
+    ws: WebSocketConnection | None = None
+    session_id: str | None = None
+    answered: bool = False  # an HTTP response has been sent
+
+    def describe(self) -> str:
+        return f"session {self.session_id} ({self.peer})" if self.session_id else self.peer
 
 
 @attrs.frozen
@@ -90,6 +120,13 @@ def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
     except (AttributeError, OSError):
         return "unknown", "unknown"
     return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _decrement(counts: collections.Counter[str], key: str) -> None:
@@ -156,6 +193,12 @@ class Server:
             capacity=max(1, config.connections_per_minute),
             clock=time.monotonic,
         )
+        self._frame_limits = FrameLimits(
+            max_message_size=config.max_message_size,
+            max_frames_per_second=config.max_messages_per_second,
+        )
+        self._handshaking: collections.Counter[str] = collections.Counter()
+        self._handshaking_total = 0
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._per_token: collections.Counter[str] = collections.Counter()
         self.sessions: dict[str, Session] = {}
@@ -193,6 +236,12 @@ class Server:
             # The TLS handshake runs on the first read, so handshake_timeout bounds it too.
             listeners = [trio.SSLListener(listener, context) for listener in listeners]
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self._listening))
+        if self._tokens is None and not all(_is_loopback(h) for h, _ in self._listening):
+            log.warning(
+                "listening beyond loopback without tokens: anyone who can reach %s can use "
+                "this server; set tokens_file (see `stt-server token new`)",
+                ", ".join(f"{h}:{p}" for h, p in self._listening),
+            )
         # Handlers live in the outer nursery so that they outlast the accept loop: closing the
         # listeners at the end of a shutdown leaves the last sessions running to completion.
         async with trio.open_nursery() as handlers, trio.open_nursery() as accepting:
@@ -281,122 +330,153 @@ class Server:
 
     # -- connections -----------------------------------------------------------------------
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """The firewall around one connection: whatever is raised while serving it ends this
+        connection only (HTTP 500 or a 1011 close with a generic message), is logged once with
+        its traceback and counted. trio's serve_listeners would otherwise let it end the server
+        and every other session with it."""
         peer, peer_ip = _peer_name(stream)
-        async with trio.open_nursery() as connection:
-            ws = client = None
+        connection = _Connection(peer, peer_ip)
+        try:
+            await self._serve_connection(stream, connection)
+        except* Exception as group:
+            await self._contain(stream, connection, group)
+
+    async def _contain(
+        self, stream: trio.abc.Stream, connection: _Connection, group: BaseExceptionGroup
+    ) -> None:
+        self.metrics.errors.labels(ErrorCode.INTERNAL_ERROR.value).inc()
+        log.error(
+            "internal error serving %s; connection closed",
+            connection.describe(),
+            exc_info=group,
+            extra={"session_id": connection.session_id, "peer": connection.peer},
+        )
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True  # also when the server is stopping: tell the client, briefly
+            try:
+                if connection.ws is not None:
+                    await connection.ws.send_message(
+                        error_message(ErrorCode.INTERNAL_ERROR.value, INTERNAL_ERROR_MESSAGE)
+                    )
+                    await connection.ws.aclose(int(CloseCode.INTERNAL_ERROR), "internal error")
+                elif not connection.answered:
+                    await stream.send_all(
+                        json_response(
+                            500, {"error": "internal_error", "message": INTERNAL_ERROR_MESSAGE}
+                        ).encode()
+                    )
+            except Exception:
+                pass
+        await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream, connection: _Connection) -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                accepted = await self._handshake(nursery, stream, connection)
+                if accepted is not None:
+                    ws, client, refusal = accepted
+                    if refusal is not None:
+                        await self._refuse(ws, client, refusal)
+                    else:
+                        await self._serve_client(ws, client, connection)
+            finally:
+                if connection.ws is not None:
+                    with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
+                        cleanup.shield = True
+                        await connection.ws.aclose()
+                nursery.cancel_scope.cancel()
+                await trio.aclose_forcefully(stream)
+
+    @contextlib.contextmanager
+    def _handshake_slot(self, connection: _Connection) -> Iterator[bool]:
+        """Hold one of the places for connections still in their handshake; False if none is
+        free. Trusted proxies carry many clients, so only the total counts for them."""
+        key = (
+            None if self._is_trusted_proxy(connection.peer_ip) else address_key(connection.peer_ip)
+        )
+        if self._handshaking_total >= self.config.max_handshakes or (
+            key is not None and self._handshaking[key] >= self.config.max_handshakes_per_ip
+        ):
+            self._refused[HANDSHAKE_LIMIT] += 1
+            log.debug("refused %s: too many unfinished handshakes", connection.peer)
+            yield False
+            return
+        self._handshaking_total += 1
+        if key is not None:
+            self._handshaking[key] += 1
+        try:
+            yield True
+        finally:
+            self._handshaking_total -= 1
+            if key is not None:
+                _decrement(self._handshaking, key)
+
+    def _is_trusted_proxy(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted_proxies)
+
+    async def _handshake(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, connection: _Connection
+    ) -> tuple[WebSocketConnection, Client, Refusal | None] | None:
+        """Read the request and answer it: plain HTTP (then None), an early refusal (None), or
+        an upgraded WebSocket with the refusal, if any, that it is to be told."""
+        with self._handshake_slot(connection) as admitted:
+            if not admitted:
+                return None
             with trio.move_on_after(self.config.handshake_timeout):
                 try:
                     head, raw = await read_request_head(stream)
                     if not head.is_websocket:
-                        await self._answer_http(stream, head)
-                        return
+                        await self._answer(
+                            stream,
+                            respond(head, self._routes),
+                            connection,
+                            with_body=head.method != "HEAD",
+                        )
+                        return None
                     creds = credentials(head)
                     client = Client(
-                        peer,
-                        client_ip(peer_ip, head, self._trusted_proxies),
+                        connection.peer,
+                        client_ip(
+                            connection.peer_ip,
+                            head,
+                            self._trusted_proxies,
+                            self.config.real_ip_header,
+                        ),
                         self._tokens.label_for(creds.token) if self._tokens else None,
                     )
-                    early = self._reject_before_upgrade(head, client)
-                    if early is not None:
-                        await self._answer(stream, early)
-                        return
-                    request = await trio_websocket.wrap_server_stream(
-                        connection,
+                    early = self._check_before_upgrade(head, client)
+                    if isinstance(early, Response):
+                        await self._answer(stream, early, connection)
+                        return None
+                    connection.ws = await websocket.accept(
+                        nursery,
                         ReplayStream(stream, raw),
-                        max_message_size=self.config.max_message_size * _TRANSPORT_SIZE_FACTOR,
+                        self._frame_limits,
+                        subprotocol=creds.subprotocol,
                     )
-                    # A browser that offered bearer.<token> fails the connection unless the
-                    # subprotocol is echoed, and then could not read why it was refused.
-                    ws = await request.accept(subprotocol=creds.subprotocol)
+                    return connection.ws, client, early
                 except BadRequest as exc:
-                    await self._answer(stream, json_response(exc.status, {"error": str(exc)}))
+                    await self._answer(
+                        stream, json_response(exc.status, {"error": str(exc)}), connection
+                    )
                 except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                    ws = None
-            if ws is None or client is None:
-                connection.cancel_scope.cancel()
-                await trio.aclose_forcefully(stream)
-                return
-            try:
-                await self._serve_client(ws, client)
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
-                    cleanup.shield = True
-                    await ws.aclose()
-                connection.cancel_scope.cancel()
-
-    def _reject_before_upgrade(self, head: RequestHead, client: Client) -> Response | None:
-        """Refusals answered in plain HTTP: a foreign browser origin, and a missing or wrong
-        token from a client without an Origin (a program, which can read an HTTP 401)."""
-        origin = head.headers.get("origin")
-        if self._allowed_origins and origin is not None and origin not in self._allowed_origins:
-            self._count_refusal(RefusalReason.ORIGIN, client, f"origin {origin!r} not allowed")
-            return json_response(
-                403, {"error": "origin_not_allowed", "message": f"origin {origin} is not allowed"}
-            )
-        if self._tokens is not None and origin is None and client.label is None:
-            self._count_refusal(RefusalReason.UNAUTHORIZED, client, "no valid token")
-            return attrs.evolve(
-                json_response(
-                    401, {"error": "unauthorized", "message": "a valid token is required"}
-                ),
-                headers=(("WWW-Authenticate", 'Bearer realm="stt-server"'),),
-            )
+                    pass
         return None
 
-    async def _answer(self, stream: trio.abc.Stream, response: Response) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(response.encode())
-        await trio.aclose_forcefully(stream)
-
-    async def _answer_http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
-        response = respond(head, self._routes)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(response.encode(with_body=head.method != "HEAD"))
-        await trio.aclose_forcefully(stream)
-
-    def _count_refusal(self, reason: RefusalReason, client: Client, message: str) -> None:
-        self._refused[reason.value] += 1
-        log.info("refused %s: %s (%s)", client.describe(), reason.value, message)
-
-    async def _refuse(
-        self,
-        ws: WebSocketConnection,
-        client: Client,
-        reason: RefusalReason,
-        message: str,
-        *,
-        code: ErrorCode = ErrorCode.SERVER_BUSY,
-        close: CloseCode = CloseCode.TRY_AGAIN_LATER,
-        retry_after: float | None = RETRY_AFTER_BUSY,
-    ) -> None:
-        """Tell a client why it cannot have a session, then close."""
-        self._count_refusal(reason, client, message)
-        self.metrics.errors.labels(code.value).inc()
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            try:
-                await ws.send_message(error_message(code.value, message, retry_after=retry_after))
-            except ConnectionClosed:
-                return
-            await ws.aclose(int(close), message[:120])
-
-    async def _serve_client(self, ws: WebSocketConnection, client: Client) -> None:
-        if self._tokens is not None and client.label is None:
-            await self._refuse(
-                ws,
-                client,
-                RefusalReason.UNAUTHORIZED,
-                "a valid token is required",
-                code=ErrorCode.UNAUTHORIZED,
-                close=CloseCode.UNAUTHORIZED,
-                retry_after=None,
-            )
-            return
+    def _check_before_upgrade(self, head: RequestHead, client: Client) -> Response | Refusal | None:
+        """Refusals decided from the request alone. The connection rate is charged first, so
+        that guessing tokens costs connections like anything else. A foreign browser origin and
+        a missing or wrong token from a client without an Origin (a program, which can read an
+        HTTP 401) are answered in plain HTTP; the rest go over the socket after the upgrade,
+        because a browser cannot read why an upgrade failed."""
         if self.config.connections_per_minute:
-            wait = self._connection_rate.take(client.ip)
+            wait = self._connection_rate.take(address_key(client.ip))
             if wait:
-                await self._refuse(
-                    ws,
-                    client,
+                return Refusal(
                     RefusalReason.RATE_LIMITED,
                     f"more than {self.config.connections_per_minute} connections per minute "
                     "from your address",
@@ -404,81 +484,154 @@ class Server:
                     close=CloseCode.POLICY_VIOLATION,
                     retry_after=round(wait, 1),
                 )
+        origin = head.headers.get("origin")
+        if self._allowed_origins and origin is not None and origin not in self._allowed_origins:
+            self._count_refusal(
+                RefusalReason.ORIGIN, client, f"origin {excerpt(origin, 80)} not allowed"
+            )
+            return json_response(
+                403, {"error": "origin_not_allowed", "message": "this origin is not allowed"}
+            )
+        if self._tokens is not None and client.label is None:
+            if origin is None:
+                self._count_refusal(RefusalReason.UNAUTHORIZED, client, "no valid token")
+                return attrs.evolve(
+                    json_response(
+                        401, {"error": "unauthorized", "message": "a valid token is required"}
+                    ),
+                    headers=(("WWW-Authenticate", 'Bearer realm="stt-server"'),),
+                )
+            return Refusal(
+                RefusalReason.UNAUTHORIZED,
+                "a valid token is required",
+                code=ErrorCode.UNAUTHORIZED,
+                close=CloseCode.UNAUTHORIZED,
+                retry_after=None,
+            )
+        return None
+
+    async def _answer(
+        self,
+        stream: trio.abc.Stream,
+        response: Response,
+        connection: _Connection,
+        *,
+        with_body: bool = True,
+    ) -> None:
+        connection.answered = True
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(response.encode(with_body=with_body))
+        await trio.aclose_forcefully(stream)
+
+    def _count_refusal(self, reason: RefusalReason, client: Client, message: str) -> None:
+        self._refused[reason.value] += 1
+        log.info("refused %s: %s (%s)", client.describe(), reason.value, message)
+
+    async def _refuse(self, ws: WebSocketConnection, client: Client, refusal: Refusal) -> None:
+        """Tell a client why it cannot have a session, then close without lingering: a refused
+        client gets ``REFUSAL_CLOSE_WAIT`` to answer the close, not a socket to hold."""
+        self._count_refusal(refusal.reason, client, refusal.message)
+        self.metrics.errors.labels(refusal.code.value).inc()
+        with trio.move_on_after(REFUSAL_CLOSE_WAIT):
+            try:
+                await ws.send_message(
+                    error_message(
+                        refusal.code.value, refusal.message, retry_after=refusal.retry_after
+                    )
+                )
+            except ConnectionClosed:
                 return
-        if self._draining:
-            await self._refuse(ws, client, RefusalReason.DRAINING, _DRAINING_MESSAGE)
+            await ws.aclose(int(refusal.close), refusal.message[:120])
+
+    async def _serve_client(
+        self, ws: WebSocketConnection, client: Client, connection: _Connection
+    ) -> None:
+        refusal = self._check_capacity()
+        if refusal is not None:
+            await self._refuse(ws, client, refusal)
             return
-        if len(self.sessions) + self._admitting >= self.max_connections:
-            await self._refuse(
+        with self._session_slots(client) as refusal:
+            if refusal is not None:
+                await self._refuse(ws, client, refusal)
+                return
+            session_id = connection.session_id = secrets.token_hex(8)
+            self._admitting += 1
+            try:
+                placed = await self.pool.admit(session_id)
+            finally:
+                self._admitting -= 1
+            if isinstance(placed, Decision):
+                assert placed.refusal is not None
+                await self._refuse(ws, client, Refusal(placed.refusal, placed.message))
+                return
+            if self._draining:
+                # Draining began while this client waited for GPU readings; it was not among
+                # the sessions told to finish, so it must not start.
+                self.pool.release(session_id, placed)
+                await self._refuse(ws, client, Refusal(RefusalReason.DRAINING, _DRAINING_MESSAGE))
+                return
+            session = Session(
                 ws,
-                client,
+                session_id=session_id,
+                peer=client.describe(),
+                config=self.config,
+                engine=placed.engine,
+                vad_model=self._vad_model,
+                model_name=self._model_name,
+                language_check=self._language_check,
+                metrics=self.metrics,
+                token_label=client.label,
+            )
+            self.sessions[session_id] = session
+            self._placement[session_id] = placed
+            self._accepted += 1
+            try:
+                await session.run()
+            finally:
+                del self.sessions[session_id]
+                self.pool.release(session_id, self._placement.pop(session_id))
+                self._session_ended.unpark_all()
+
+    def _check_capacity(self) -> Refusal | None:
+        if self._draining:
+            return Refusal(RefusalReason.DRAINING, _DRAINING_MESSAGE)
+        if len(self.sessions) + self._admitting >= self.max_connections:
+            return Refusal(
                 RefusalReason.MAX_CONNECTIONS,
                 f"server is at its limit of {self.max_connections} sessions",
             )
-            return
-        too_many = self._over_concurrency_limits(client)
-        if too_many:
-            await self._refuse(
-                ws,
-                client,
+        return None
+
+    @contextlib.contextmanager
+    def _session_slots(self, client: Client) -> Iterator[Refusal | None]:
+        """Take this client's places under the per-address and per-token limits for as long as
+        its session lasts. Taken before any await, so parallel connects cannot overshoot."""
+        key = address_key(client.ip)
+        label = client.label
+        over = None
+        limit = self.config.max_sessions_per_ip
+        if limit and self._per_ip[key] >= limit:
+            over = f"your address already has {limit} sessions open"
+        limit = self.config.max_sessions_per_token
+        if over is None and limit and label is not None and self._per_token[label] >= limit:
+            over = f"this token already has {limit} sessions open"
+        if over is not None:
+            yield Refusal(
                 RefusalReason.RATE_LIMITED,
-                too_many,
+                over,
                 code=ErrorCode.RATE_LIMITED,
                 close=CloseCode.POLICY_VIOLATION,
             )
             return
-        session_id = secrets.token_hex(8)
-        self._admitting += 1
+        self._per_ip[key] += 1
+        if label is not None:
+            self._per_token[label] += 1
         try:
-            placed = await self.pool.admit(session_id)
+            yield None
         finally:
-            self._admitting -= 1
-        if isinstance(placed, Decision):
-            assert placed.refusal is not None
-            await self._refuse(ws, client, placed.refusal, placed.message)
-            return
-        if self._draining:
-            # Draining began while this client waited for GPU readings; it was not among the
-            # sessions told to finish, so it must not start.
-            self.pool.release(session_id, placed)
-            await self._refuse(ws, client, RefusalReason.DRAINING, _DRAINING_MESSAGE)
-            return
-        session = Session(
-            ws,
-            session_id=session_id,
-            peer=client.describe(),
-            config=self.config,
-            engine=placed.engine,
-            vad_model=self._vad_model,
-            model_name=self._model_name,
-            language_check=self._language_check,
-            metrics=self.metrics,
-            token_label=client.label,
-        )
-        self.sessions[session_id] = session
-        self._placement[session_id] = placed
-        self._per_ip[client.ip] += 1
-        if client.label is not None:
-            self._per_token[client.label] += 1
-        self._accepted += 1
-        try:
-            await session.run()
-        finally:
-            del self.sessions[session_id]
-            self.pool.release(session_id, self._placement.pop(session_id))
-            _decrement(self._per_ip, client.ip)
-            if client.label is not None:
-                _decrement(self._per_token, client.label)
-            self._session_ended.unpark_all()
-
-    def _over_concurrency_limits(self, client: Client) -> str | None:
-        limit = self.config.max_sessions_per_ip
-        if limit and self._per_ip[client.ip] >= limit:
-            return f"your address already has {limit} sessions open"
-        limit = self.config.max_sessions_per_token
-        if limit and client.label is not None and self._per_token[client.label] >= limit:
-            return f"this token already has {limit} sessions open"
-        return None
+            _decrement(self._per_ip, key)
+            if label is not None:
+                _decrement(self._per_token, label)
 
     def _device_lost(self, device: Device, reason: str) -> None:
         """A device's breaker opened: move its sessions elsewhere, or end them cleanly."""

@@ -38,7 +38,6 @@ from .errors import (
     CloseCode,
     ErrorCode,
     InvalidMessage,
-    MessageTooBig,
     SttError,
 )
 from .metrics import Metrics
@@ -67,6 +66,9 @@ _FINALS_QUEUE = 4
 
 #: How long the WebSocket closing handshake may take before the TCP stream is just closed.
 CLOSE_TIMEOUT = 5.0
+
+#: What a client is told when something failed inside the server; the details go to the log.
+INTERNAL_ERROR_MESSAGE = "internal server error; the details are in the server's log"
 
 
 def finish_timeout(config: Config) -> float:
@@ -156,7 +158,7 @@ class Session:
                 partial_interval=config.partial_interval,
             )
         )
-        self._outbox = Outbox(config.max_pending_finals)
+        self._outbox = Outbox(config.max_pending_finals, config.max_pending_bytes)
         self._finals_send, self._finals_recv = trio.open_memory_channel[
             tuple[UtteranceEnded, float]
         ](_FINALS_QUEUE)
@@ -176,13 +178,6 @@ class Session:
         self._started_wall = time.time()
         self._started = trio.current_time()
         self._close_request: CloseRequest | None = None
-        self._message_rate = (
-            TokenBucket.full(
-                config.max_messages_per_second, 2 * config.max_messages_per_second, self._started
-            )
-            if config.max_messages_per_second
-            else None
-        )
         self._audio_rate = (
             TokenBucket.full(config.max_realtime_factor, config.audio_burst, self._started)
             if config.max_realtime_factor
@@ -276,6 +271,18 @@ class Session:
             except OutboxOverflow:
                 self._abort("client stopped reading")
                 return
+            except Exception:
+                # A bug or a library failure on this client's input (decoding, resampling,
+                # VAD): this session ends, gracefully, so that the finals it is owed still
+                # arrive; nothing about the failure reaches the client.
+                log.exception(
+                    "session %s: internal error in intake",
+                    self.session_id,
+                    extra={"session_id": self.session_id, "peer": self.peer},
+                )
+                request = CloseRequest(
+                    CloseCode.INTERNAL_ERROR, ErrorCode.INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE
+                )
             if request is None:
                 self._abort("peer closed")
                 return
@@ -304,8 +311,9 @@ class Session:
         await self._emitter_done.wait()
 
     # -- intake ----------------------------------------------------------------------------
-    async def _receive(self) -> str | bytes | None:
-        """The next message; ``None`` on idle timeout. Raises ConnectionClosed."""
+    async def _receive(self) -> str | bytes | SttError | None:
+        """The next message, or the connection's report of a frame limit broken; ``None`` on
+        idle timeout. Raises ConnectionClosed."""
         if not self._config.idle_timeout:
             return await self._ws.get_message()
         with trio.move_on_after(self._config.idle_timeout):
@@ -325,18 +333,9 @@ class Session:
                     ErrorCode.IDLE_TIMEOUT,
                     f"no message for {self._config.idle_timeout:g} s",
                 )
-            if self._message_rate is not None and self._message_rate.take(1, trio.current_time()):
-                return CloseRequest(
-                    CloseCode.POLICY_VIOLATION,
-                    ErrorCode.RATE_LIMITED,
-                    f"more than {self._config.max_messages_per_second:g} messages per second",
-                )
             try:
-                if len(message) > self._config.max_message_size:
-                    raise MessageTooBig(
-                        f"message of {len(message)} bytes exceeds the "
-                        f"{self._config.max_message_size}-byte limit"
-                    )
+                if isinstance(message, SttError):
+                    raise message
                 event = parse_client_message(message)
                 if isinstance(event, End):
                     return CloseRequest(CloseCode.NORMAL)

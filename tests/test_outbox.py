@@ -12,7 +12,7 @@ async def drain(box: Outbox) -> list[str]:
 
 
 async def test_partials_coalesce_and_finals_are_never_dropped() -> None:
-    box = Outbox(max_pending=10)
+    box = Outbox(max_pending=10, max_bytes=1 << 20)
     box.put_partial("p1a", 1)
     box.put_partial("p1b", 1)
     box.put_final("f1", 1)  # makes every partial of utterance 1 stale
@@ -24,7 +24,7 @@ async def test_partials_coalesce_and_finals_are_never_dropped() -> None:
 
 
 async def test_partial_waits_behind_reliable_messages() -> None:
-    box = Outbox(max_pending=10)
+    box = Outbox(max_pending=10, max_bytes=1 << 20)
     box.put_partial("p2", 2)
     box.put_final("f1", 1)  # an earlier utterance: partial of 2 stays
     assert await box.get() == "f1"
@@ -32,7 +32,7 @@ async def test_partial_waits_behind_reliable_messages() -> None:
 
 
 async def test_a_reader_that_never_reads_overflows_instead_of_growing() -> None:
-    box = Outbox(max_pending=3)
+    box = Outbox(max_pending=3, max_bytes=1 << 20)
     for i in range(3):
         box.put_final(f"f{i}", i)
     with pytest.raises(OutboxOverflow):
@@ -41,7 +41,7 @@ async def test_a_reader_that_never_reads_overflows_instead_of_growing() -> None:
 
 
 async def test_get_waits_for_a_message() -> None:
-    box = Outbox(max_pending=3)
+    box = Outbox(max_pending=3, max_bytes=1 << 20)
     got = []
 
     async def reader() -> None:
@@ -53,3 +53,13 @@ async def test_get_waits_for_a_message() -> None:
         assert got == []
         box.put_partial("p", 1)
     assert got == ["p"]
+
+
+async def test_the_outbox_is_bounded_in_bytes_as_well_as_in_messages() -> None:
+    box = Outbox(max_pending=100, max_bytes=100)
+    box.put("é" * 30)  # 60 bytes in UTF-8, though 30 characters
+    with pytest.raises(OutboxOverflow, match="bytes"):
+        box.put("x" * 41)
+    assert await box.get() == "é" * 30
+    box.put("x" * 100)  # what was read no longer counts
+    assert box.pending == 1

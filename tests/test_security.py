@@ -15,6 +15,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from stt_server.auth import (
     TokensFileError,
+    address_key,
     TokenStore,
     client_ip,
     credentials,
@@ -136,12 +137,23 @@ def head(headers: dict[str, str]):
     return parse_request_head(f"GET / HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
 
 
+def test_ipv6_clients_count_per_64_and_mapped_ipv4_as_ipv4() -> None:
+    one = address_key("2001:db8:1:2:aaaa::1")
+    assert one == address_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert one != address_key("2001:db8:1:3::1")
+    assert address_key("::ffff:198.51.100.7") == address_key("198.51.100.7") == "198.51.100.7"
+
+
 def test_client_ip_believes_forwarding_headers_only_from_trusted_proxies() -> None:
     proxies = parse_networks("127.0.0.1, 10.0.0.0/8")
     forged = head({"X-Forwarded-For": "198.51.100.7"})
     assert client_ip("203.0.113.9", forged, proxies) == "203.0.113.9"  # untrusted peer
     assert client_ip("127.0.0.1", forged, proxies) == "198.51.100.7"
-    assert client_ip("127.0.0.1", head({"X-Real-IP": "198.51.100.8"}), proxies) == "198.51.100.8"
+    # X-Real-IP only when configured: a proxy that does not set it lets the client set it.
+    real = head({"X-Real-IP": "198.51.100.8", "X-Forwarded-For": "198.51.100.7"})
+    assert client_ip("127.0.0.1", real, proxies) == "198.51.100.7"
+    assert client_ip("127.0.0.1", real, proxies, "X-Real-IP") == "198.51.100.8"
+    assert client_ip("203.0.113.9", real, proxies, "X-Real-IP") == "203.0.113.9"
     # A client can prepend anything; the nearest untrusted hop (appended by our proxies) counts.
     chain = head({"X-Forwarded-For": "1.2.3.4, 198.51.100.7, 10.0.0.5"})
     assert client_ip("10.1.1.1", chain, proxies) == "198.51.100.7"
