@@ -15,8 +15,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from stt_server.auth import (
     TokensFileError,
-    address_key,
     TokenStore,
+    address_key,
     client_ip,
     credentials,
     parse_networks,
