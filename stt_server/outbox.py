@@ -2,9 +2,10 @@
 
 Messages that must arrive (the ``session`` greeting, ``completed`` and ``error``) wait in a FIFO
 of at most ``max_pending`` entries and ``max_bytes`` bytes (UTF-8); overflowing it means the
-client has stopped reading for so long that it is treated as gone (:class:`OutboxOverflow`). Partials sit in a single slot that the
-next partial overwrites, behind the FIFO, so a slow reader sees fewer, fresher partials and never
-a partial of an utterance that has already been completed.
+client has stopped reading for so long that it is treated as gone (:class:`OutboxOverflow`).
+Partials sit in a single slot that the next partial overwrites, behind the FIFO, so a slow
+reader sees fewer, fresher partials and never a partial of an utterance that has already been
+completed.
 """
 
 from __future__ import annotations
