@@ -2,12 +2,14 @@
 
 A real model cannot show ordering: these tests need to hold the worker busy while requests
 queue up, so the model here blocks on a threading.Event (it still runs on the engine's worker
-thread through trio.to_thread, as the real one does).
+thread through trio.to_thread, as the real one does). The last test takes such a model through
+a whole server, to check what a client sees when inference overruns ``inference_timeout``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import threading
 
 import attrs
@@ -15,10 +17,13 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from trio_websocket import open_websocket_url
 
+from stt_server.config import Config
 from stt_server.engine import Engine, TranscribeOptions
+from stt_server.server import serve
 
-from .conftest import wait_until
+from .conftest import receive_until_closed, wait_until
 
 FINAL = TranscribeOptions(final=True)
 PARTIAL = TranscribeOptions(final=False)
@@ -129,3 +134,62 @@ async def test_inference_runs_on_worker_threads_up_to_the_limiter() -> None:
             await wait_until(lambda: engine.statistics().finals_done == 4)
         nursery.cancel_scope.cancel()
     assert threading.get_ident() not in model.threads
+
+
+@attrs.define
+class Stalling:
+    """Answers at once, except while ``stalled``: then it holds its worker thread until
+    ``release`` is set (as a wedged GPU would), and only then answers."""
+
+    name: str = "stalling"
+    stalled: bool = True
+    release: threading.Event = attrs.Factory(threading.Event)
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        if self.stalled:
+            self.release.wait(30)
+        return "back to normal" if options.final else ""
+
+
+async def next_answer(ws) -> tuple[dict, list[dict]]:
+    """The next ``completed`` or ``error``, and the messages that came before it."""
+    before = []
+    while True:
+        message = json.loads(await ws.get_message())
+        if message["type"] in ("completed", "error"):
+            return message, before
+        before.append(message)
+
+
+async def test_a_final_past_inference_timeout_fails_that_utterance_and_the_session_goes_on(
+    nursery, clip
+) -> None:
+    model = Stalling()
+    config = Config(host="127.0.0.1", port=0, control_socket="", inference_timeout=1.0)
+    server = await nursery.start(functools.partial(serve, config, model=model))
+    speech = clip("ldc93s1.wav").tobytes()
+    try:
+        with trio.fail_after(20):
+            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+                assert json.loads(await ws.get_message())["type"] == "session"
+                await ws.send_message(speech)
+                await ws.send_message('{"type":"flush"}')
+                flushed = trio.current_time()
+                failed, _ = await next_answer(ws)
+                waited = trio.current_time() - flushed
+                # The model is fast again; the stalled threads return and free their workers.
+                model.stalled = False
+                model.release.set()
+                await ws.send_message(speech)
+                await ws.send_message('{"type":"flush"}')
+                recovered, _ = await next_answer(ws)
+                await ws.send_message('{"type":"end"}')
+                rest, code = await receive_until_closed(ws)
+    finally:
+        model.release.set()
+    assert failed["type"] == "error" and failed["code"] == "transcription_failed"
+    assert "utterance 1" in failed["message"]
+    assert 1.0 <= waited < 3.0, waited  # it waited inference_timeout, no less, not much more
+    assert recovered["type"] == "completed"
+    assert (recovered["utterance_id"], recovered["text"]) == (2, "back to normal")
+    assert code == 1000 and not [m for m in rest if m["type"] == "error"]
