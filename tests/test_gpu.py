@@ -18,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from stt_server.admission import Decision, RefusalReason
-from stt_server.breaker import BreakerState
+from stt_server.breaker import BreakerState, CircuitBreaker
 from stt_server.config import Config
 from stt_server.devices import open_pool
 from stt_server.engine import TranscribeOptions
@@ -114,6 +114,14 @@ async def test_memory_rising_between_polls_closes_admission(running_server) -> N
 
 
 @attrs.define
+class ManualClock:
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@attrs.define
 class OomSwitch:
     """Wraps the real model on one simulated device; raises CUDA's OOM while ``on``."""
 
@@ -128,13 +136,17 @@ class OomSwitch:
 
 
 @pytest.mark.parametrize(
-    "server_config", [gpus("24576:0,24576:8000", breaker_cooldown=1.0)], indirect=True
+    "server_config", [gpus("24576:0,24576:8000", breaker_cooldown=30.0)], indirect=True
 )
 async def test_out_of_memory_opens_the_breaker_moves_the_session_and_a_trial_recovers(
     running_server, clip
 ) -> None:
     server = running_server.server
     gpu0 = server.pool.devices[0]
+    # GPU 0's breaker on a clock the test moves: the cool-down ends when the test says, not
+    # when a busy machine happens to take longer than it over the retried final.
+    clock = ManualClock(trio.current_time())
+    gpu0.breaker = CircuitBreaker("sim:0", failure_threshold=3, cooldown=30.0, clock=clock)
     switch = OomSwitch(gpu0.engine.model, on=True)
     gpu0.engine.model = switch
     messages = []
@@ -159,7 +171,7 @@ async def test_out_of_memory_opens_the_breaker_moves_the_session_and_a_trial_rec
 
         # After the cool-down, one trial session goes to GPU 0 and its success closes the breaker.
         switch.on = False
-        await trio.sleep(1.1)
+        clock.now += 30.0
         async with open_websocket_url(running_server.url) as trial:
             await trial.get_message()
             assert gpu0.breaker.state is BreakerState.HALF_OPEN
