@@ -340,6 +340,7 @@ class Server:
             await self._serve_connection(stream, connection)
         except* Exception as group:
             await self._contain(stream, connection, group)
+        await trio.aclose_forcefully(stream)
 
     async def _contain(
         self, stream: trio.abc.Stream, connection: _Connection, group: BaseExceptionGroup
@@ -353,7 +354,8 @@ class Server:
         )
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True  # also when the server is stopping: tell the client, briefly
-            try:
+            # The connection may be what broke: telling the client is worth a try, no more.
+            with contextlib.suppress(Exception):
                 if connection.ws is not None:
                     await connection.ws.send_message(
                         error_message(ErrorCode.INTERNAL_ERROR.value, INTERNAL_ERROR_MESSAGE)
@@ -365,9 +367,6 @@ class Server:
                             500, {"error": "internal_error", "message": INTERNAL_ERROR_MESSAGE}
                         ).encode()
                     )
-            except Exception:
-                pass
-        await trio.aclose_forcefully(stream)
 
     async def _serve_connection(self, stream: trio.abc.Stream, connection: _Connection) -> None:
         async with trio.open_nursery() as nursery:
@@ -384,8 +383,9 @@ class Server:
                     with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
                         cleanup.shield = True
                         await connection.ws.aclose()
+                # Last, and with no await after it: a Cancelled raised here would replace the
+                # exception on its way out, and the nursery would swallow both.
                 nursery.cancel_scope.cancel()
-                await trio.aclose_forcefully(stream)
 
     @contextlib.contextmanager
     def _handshake_slot(self, connection: _Connection) -> Iterator[bool]:

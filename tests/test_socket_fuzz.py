@@ -1,0 +1,103 @@
+"""The live socket, fuzzed: generated HTTP heads, raw WebSocket frames and JSON messages go to a
+real server on 127.0.0.1 while a good client streams speech.
+
+After every case the server must still answer ``/health`` with 200; at the end the good
+client's finals must equal those of a calm run, no internal error may have been logged (each
+one would be an input that reached a code path nobody planned for), and memory must be back
+near where it started. Cases come from a fixed seed, so a failure names a reproducible case.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from stt_server.config import Config
+from stt_server.loadtest.client import StreamResult, stream_audio
+from stt_server.server import serve
+
+from . import hostile
+from .test_fuzz import rss_mb
+
+#: Cases per kind; the three kinds run interleaved. Bounded in count and, below, in time.
+CASES = 40
+SEED = 20261125
+
+
+async def one_json_case(url: str, rng: random.Random) -> None:
+    try:
+        async with open_websocket_url(url, max_message_size=1 << 22) as ws:
+            await ws.get_message()  # the session greeting
+            for _ in range(rng.randrange(1, 4)):
+                await ws.send_message(hostile.json_message(rng))
+            with trio.move_on_after(0.2):
+                while True:
+                    await ws.get_message()
+    except ConnectionClosed:
+        pass
+
+
+async def one_frames_case(port: int, rng: random.Random) -> None:
+    await hostile.exchange(port, hostile.upgrade_request() + hostile.frames(rng), linger=0.2)
+
+
+async def one_head_case(port: int, rng: random.Random) -> None:
+    await hostile.exchange(port, hostile.http_head(rng), linger=0.2)
+
+
+async def test_fuzzing_the_live_socket_changes_nothing_for_a_good_client(
+    nursery, speech_model, clip, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        control_socket="",
+        max_connections=50,
+        connections_per_minute=0,
+        max_sessions_per_ip=0,
+        handshake_timeout=2.0,
+    )
+    server = await nursery.start(functools.partial(serve, config, model=speech_model))
+    url = f"ws://127.0.0.1:{server.port}/"
+    speech = clip("jfk.wav")
+    rng = random.Random(SEED)
+    cases: list[str] = []
+
+    async def fuzz() -> None:
+        for i in range(CASES):
+            for kind, run in (
+                ("head", functools.partial(one_head_case, server.port)),
+                ("frames", functools.partial(one_frames_case, server.port)),
+                ("json", functools.partial(one_json_case, url)),
+            ):
+                case_seed = rng.randrange(1 << 32)
+                await run(random.Random(case_seed))
+                cases.append(f"{kind}#{i} seed={case_seed}")
+                status = await hostile.health_status(server.port)
+                assert status == 200, f"/health answered {status} after {cases[-1]}"
+
+    with trio.fail_after(240):
+        calm = await stream_audio(url, speech)
+        baseline = rss_mb()
+        stormy: list[StreamResult] = []
+
+        async def good_client() -> None:
+            stormy.append(await stream_audio(url, speech))
+
+        async with trio.open_nursery() as both:
+            both.start_soon(good_client)
+            both.start_soon(fuzz)
+        await trio.sleep(0.5)
+        after = rss_mb()
+    assert len(cases) == 3 * CASES
+    internal = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert not internal, internal[0].getMessage()
+    assert [m["text"] for m in stormy[0].finals] == [m["text"] for m in calm.finals]
+    assert stormy[0].close_code == 1000 and stormy[0].errors == []
+    assert not server.sessions  # every fuzzed session was cleaned up
+    assert after - baseline < 40, (baseline, after)
