@@ -339,19 +339,26 @@ class Server:
         try:
             await self._serve_connection(stream, connection)
         except* Exception as group:
-            await self._contain(stream, connection, group)
+            # Raised by the WebSocket's reader task (its nursery is gone) or before an upgrade.
+            self._log_internal_error(connection, group)
+            await self._tell_internal_error(stream, connection, close_wait=REFUSAL_CLOSE_WAIT)
         await trio.aclose_forcefully(stream)
 
-    async def _contain(
-        self, stream: trio.abc.Stream, connection: _Connection, group: BaseExceptionGroup
-    ) -> None:
+    def _log_internal_error(self, connection: _Connection, exc: BaseException) -> None:
         self.metrics.errors.labels(ErrorCode.INTERNAL_ERROR.value).inc()
         log.error(
             "internal error serving %s; connection closed",
             connection.describe(),
-            exc_info=group,
+            exc_info=exc,
             extra={"session_id": connection.session_id, "peer": connection.peer},
         )
+
+    async def _tell_internal_error(
+        self, stream: trio.abc.Stream, connection: _Connection, *, close_wait: float
+    ) -> None:
+        """A generic HTTP 500, or ``internal_error`` and a 1011 close, within ``close_wait``
+        for the close handshake (short when the WebSocket's reader, which would see the
+        answer to our close, is what failed)."""
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True  # also when the server is stopping: tell the client, briefly
             # The connection may be what broke: telling the client is worth a try, no more.
@@ -360,7 +367,8 @@ class Server:
                     await connection.ws.send_message(
                         error_message(ErrorCode.INTERNAL_ERROR.value, INTERNAL_ERROR_MESSAGE)
                     )
-                    await connection.ws.aclose(int(CloseCode.INTERNAL_ERROR), "internal error")
+                    with trio.move_on_after(close_wait):
+                        await connection.ws.aclose(int(CloseCode.INTERNAL_ERROR), "internal error")
                 elif not connection.answered:
                     await stream.send_all(
                         json_response(
@@ -378,8 +386,16 @@ class Server:
                         await self._refuse(ws, client, refusal)
                     else:
                         await self._serve_client(ws, client, connection)
+            except Exception as exc:
+                if connection.ws is None:
+                    raise
+                # Our side failed after the upgrade: the reader still runs, so the client can
+                # be told and the close handshake completed properly.
+                self._log_internal_error(connection, exc)
+                await self._tell_internal_error(stream, connection, close_wait=CLOSE_TIMEOUT)
             finally:
-                if connection.ws is not None:
+                # A cancelled nursery means its reader task failed: the firewall closes (1011).
+                if connection.ws is not None and not nursery.cancel_scope.cancel_called:
                     with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
                         cleanup.shield = True
                         await connection.ws.aclose()

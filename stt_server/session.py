@@ -457,8 +457,16 @@ class Session:
         except trio.TooSlowError:
             self._report_failure(ended.utterance_id, "timed out")
             return
-        except Exception as exc:
-            self._report_failure(ended.utterance_id, str(exc) or type(exc).__name__)
+        except Exception:
+            # The model's or the device's own words stay in the log: they can name paths,
+            # devices and library internals that are none of the client's business.
+            log.exception(
+                "session %s utterance %d: transcription failed",
+                self.session_id,
+                ended.utterance_id,
+                extra={"session_id": self.session_id, "peer": self.peer},
+            )
+            self._report_failure(ended.utterance_id, "internal error")
             return
         self._metrics.observe_transcription(transcript, final=True)
         text = transcript.text if transcript else ""
