@@ -3,7 +3,13 @@
 One request per line, one reply per line (``watch`` replies with a snapshot per interval until
 the client hangs up). Requests are parsed without I/O by :func:`parse_request`; the socket side
 checks who is asking (``SO_PEERCRED``: root, the server's own user, or members of
-``control_group``) before reading a byte of it.
+``control_group``) before parsing a byte of it.
+
+Where the socket lives matters as much as who may connect. Whoever can write to its directory
+can put their own socket (or a symbolic link) at its name and read what the console sends, or
+point the server's ``chmod`` at another file. So the directory must be one nobody else can
+change: see :func:`directory_problem` and :func:`ancestor_problem` for the rules, which the server
+checks before anything slow starts and refuses to start on, naming the path and what is wrong.
 """
 
 from __future__ import annotations
@@ -43,6 +49,19 @@ MAX_WATCH_INTERVAL = 3600.0
 
 #: A console that has not taken a snapshot for this long is gone or stuck; it is disconnected.
 _WATCH_SEND_TIMEOUT = 30.0
+
+#: How long a refused peer's request is waited for (then dropped, unparsed) after the refusal,
+#: so that its write does not meet a closed socket before it has read why (it would only learn
+#: "connection lost").
+_REFUSAL_LINGER = 2.0
+
+#: Mode of a socket directory the server creates: private, or searchable by ``control_group``.
+PRIVATE_DIRECTORY_MODE = 0o700
+GROUP_DIRECTORY_MODE = 0o750
+
+#: The socket itself: the server's user and ``control_group`` may connect (``SO_PEERCRED``
+#: then checks each peer again).
+SOCKET_MODE = 0o660
 
 
 class ControlError(Exception):
@@ -149,13 +168,168 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 def resolve_socket_path(configured: str) -> Path:
     """The configured path, except that the default falls back to a per-user runtime path when
-    this process cannot create ``/run/stt-server`` (not root and not under systemd)."""
+    this process cannot use ``/run/stt-server`` (not root, and no directory of its own there, as
+    systemd's ``RuntimeDirectory`` would be). The fallback is predictable, so anybody could
+    create it first: :meth:`ControlServer.prepare` refuses a directory that is not the server's."""
     path = Path(configured)
-    if configured != DEFAULT_SOCKET or os.geteuid() == 0 or os.access(path.parent, os.W_OK):
+    if configured != DEFAULT_SOCKET or os.geteuid() == 0 or _is_own_directory(path.parent):
         return path
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "stt-server" if runtime else Path(f"/tmp/stt-server-{os.getuid()}")
+    base = Path(runtime) / "stt-server" if runtime else Path(f"/tmp/stt-server-{os.geteuid()}")
     return base / "control.sock"
+
+
+def _is_own_directory(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _foreign_owner(uid: int, euid: int) -> str:
+    mine = "root" if euid == 0 else f"this server's user ({_owner(euid)}) or root"
+    return f"is owned by {_owner(uid)}, not by {mine}"
+
+
+def directory_problem(st: os.stat_result, euid: int) -> str | None:
+    """What is wrong with the socket's own directory (``lstat`` of it), or ``None``.
+
+    It must be a real directory (a symbolic link could be re-pointed), owned by the server's
+    user or root, and writable by nobody else: no group or other write bit, sticky or not (in a
+    shared directory like /tmp anybody may take the socket's name before the server does).
+    """
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid not in (0, euid):
+        return _foreign_owner(st.st_uid, euid)
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def ancestor_problem(st: os.stat_result, euid: int) -> str | None:
+    """What is wrong with a directory above the socket's (``stat`` of it), or ``None``.
+
+    Whoever can write there can rename the socket's directory and put another in its place, so
+    each must be owned by the server's user or root and writable by nobody else, except with the
+    sticky bit (/tmp), where only an entry's owner may rename or remove it.
+    """
+    if st.st_uid not in (0, euid):
+        return _foreign_owner(st.st_uid, euid)
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        mode = stat.S_IMODE(st.st_mode)
+        return f"is writable by group or others without the sticky bit (mode {mode:04o})"
+    return None
+
+
+def _refuse(path: Path, problem: str) -> ControlError:
+    return ControlError(
+        f"control socket directory {path} {problem}; refusing to put the control socket there "
+        "(fix it, or set control_socket to a path in a directory only this server's user can "
+        "change)"
+    )
+
+
+def _check_ancestors(directory: Path, euid: int) -> None:
+    """Every directory above ``directory``, and every symbolic link on the way to it."""
+    literal = Path(os.path.abspath(directory))
+    for link in literal.parents:
+        st = os.lstat(link)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, euid):
+            raise _refuse(
+                directory, f"is reached through {link}, a link owned by {_owner(st.st_uid)}"
+            )
+    real = Path(os.path.realpath(directory.parent))
+    for ancestor in (real, *real.parents):
+        problem = ancestor_problem(os.stat(ancestor), euid)
+        if problem:
+            raise _refuse(directory, f"lies under {ancestor}, which {problem}")
+
+
+def _group_id(group: str) -> int | None:
+    try:
+        return grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        return None
+
+
+def _open_directory(path: Path) -> int:
+    """A descriptor of ``path`` itself: a symbolic link or anything but a directory fails."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _make_directory(path: Path, mode: int, gid: int | None) -> None:
+    """Create ``path`` with exactly ``mode`` (whatever the umask), owned by group ``gid`` if it
+    can be; left private (0700) if that group cannot be given."""
+    try:
+        os.mkdir(path, PRIVATE_DIRECTORY_MODE)
+    except FileExistsError:
+        return  # made meanwhile by someone else: the checks that follow judge it
+    fd = _open_directory(path)
+    try:
+        if gid is not None:
+            try:
+                os.fchown(fd, -1, gid)
+            except PermissionError:
+                mode = PRIVATE_DIRECTORY_MODE  # ControlServer.run() warns about the group
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def secure_directory(directory: Path, *, group: str = "") -> None:
+    """Make sure the socket's directory is one only this server's user (or root) can change,
+    or raise :class:`ControlError` saying which path is wrong and why.
+
+    An existing directory is checked, never changed. A missing one is created 0700, or 0750 and
+    owned by ``group`` when a control group is configured; missing parents are created 0755.
+    Every level is checked before anything is created in it, with ``lstat``/``O_NOFOLLOW``.
+    """
+    euid = os.geteuid()
+    directory = Path(os.path.abspath(directory))
+    missing = []
+    probe = directory
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = probe.parent
+    for path in reversed(missing):
+        _check_ancestors(path, euid)
+        if path == directory:
+            gid = _group_id(group)
+            _make_directory(
+                path, PRIVATE_DIRECTORY_MODE if gid is None else GROUP_DIRECTORY_MODE, gid
+            )
+        else:
+            _make_directory(path, 0o755, None)
+    _check_ancestors(directory, euid)
+    try:
+        fd = _open_directory(directory)
+    except OSError as exc:
+        try:
+            problem = directory_problem(os.lstat(directory), euid)
+        except OSError:
+            problem = None
+        raise _refuse(directory, problem or f"cannot be opened ({exc.strerror})") from None
+    try:
+        problem = directory_problem(os.fstat(fd), euid)
+    finally:
+        os.close(fd)
+    if problem:
+        raise _refuse(directory, problem)
+
+
+def _group_can_reach(st: os.stat_result, gid: int) -> bool:
+    return bool(st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010))
 
 
 def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
@@ -216,10 +390,49 @@ class ControlServer:
         self._on_drain = on_drain
 
     def prepare(self) -> None:
-        """Check the path before anything slow starts: a live server there, or a file that is
-        not a socket, is a start-up error the operator should see at once."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Check the path before anything slow starts: a directory others can change (see
+        :func:`secure_directory`), a live server there, or a file that is not a socket, is a
+        start-up error the operator should see at once."""
+        secure_directory(self.path.parent, group=self._group)
         _remove_stale(self.path)
+
+    def _share_with_group(self) -> None:
+        """Give the bound socket to ``control_group``. Failing that is logged, not fatal: root
+        and the server's own user can still use the console, and the speech service runs on."""
+        if not self._group:
+            return
+        gid = _group_id(self._group)
+        if gid is None:
+            log.warning(
+                "control socket: no group named %r (control_group); only root and the server's "
+                "user can use %s",
+                self._group,
+                self.path,
+            )
+            return
+        try:
+            os.chown(self.path, -1, gid, follow_symlinks=False)
+        except PermissionError:
+            log.warning(
+                "control socket: cannot give %s to group %s: this server's %s is not a member "
+                "of it (under systemd: SupplementaryGroups=%s), so members cannot connect",
+                self.path,
+                self._group,
+                _owner(os.geteuid()),
+                self._group,
+            )
+            return
+        st = os.stat(self.path.parent)
+        if not _group_can_reach(st, gid):
+            log.warning(
+                "control socket: members of %s cannot enter %s (mode %04o, group %d): make it "
+                "0755, or 0750 with group %s (RuntimeDirectoryMode=0755 under systemd)",
+                self._group,
+                self.path.parent,
+                stat.S_IMODE(st.st_mode),
+                st.st_gid,
+                self._group,
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         self.prepare()
@@ -229,10 +442,9 @@ class ControlServer:
             await sock.bind(str(self.path))
         finally:
             os.umask(old)
-        if self._group:
-            with contextlib.suppress(KeyError, PermissionError):
-                os.chown(self.path, -1, grp.getgrnam(self._group).gr_gid)
-        os.chmod(self.path, 0o660)
+        # Path operations are safe from here on: nobody else can change the directory.
+        self._share_with_group()
+        os.chmod(self.path, SOCKET_MODE)
         sock.listen(64)
         listener = trio.SocketListener(sock)
         log.info("control socket on %s", self.path)
@@ -254,6 +466,7 @@ class ControlServer:
                 log.warning("control socket: refused uid %d", uid)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(encode({"ok": False, "error": "permission denied"}))
+                    await self._drop_request(stream)
                 return
             try:
                 await self._converse(stream)
@@ -264,6 +477,18 @@ class ControlServer:
                 log.exception("control socket: request failed")
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(encode({"ok": False, "error": "internal error"}))
+
+    @staticmethod
+    async def _drop_request(stream: trio.SocketStream) -> None:
+        """Discard, unparsed, what a refused peer sends up to its first line (or EOF, or
+        ``MAX_LINE`` bytes, or ``_REFUSAL_LINGER`` seconds)."""
+        received = 0
+        with trio.move_on_after(_REFUSAL_LINGER):
+            while received <= MAX_LINE:
+                data = await stream.receive_some(4096)
+                if not data or b"\n" in data:
+                    return
+                received += len(data)
 
     async def _converse(self, stream: trio.SocketStream) -> None:
         buffer = b""
