@@ -106,6 +106,8 @@ class ServerStatistics:
     max_connections: int
     accepted: int
     refused: dict[str, int]
+    #: Connections open that have not finished their handshake yet.
+    handshaking: int
     sessions: tuple[SessionStatistics, ...]
     devices: tuple[DeviceStatistics, ...]
     kicked: tuple[KickedClient, ...]
@@ -679,6 +681,7 @@ class Server:
             max_connections=self.max_connections,
             accepted=self._accepted,
             refused=dict(self._refused),
+            handshaking=self._handshaking_total,
             sessions=tuple(s.statistics() for s in self.sessions.values()),
             devices=self.pool.statistics(),
             kicked=tuple(self._kicked),
