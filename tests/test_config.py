@@ -74,3 +74,30 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [f.name for f in attrs.fields(Config) if f"`{f.name}`" not in readme]
     assert not missing, f"settings missing from the README table: {missing}"
+
+
+@pytest.mark.parametrize("literal", ["nan", "inf", "-inf"])
+def test_nan_and_infinite_settings_are_rejected_from_the_file_and_the_flags(
+    tmp_path, literal
+) -> None:
+    path = tmp_path / "stt.toml"
+    path.write_text(f"inference_timeout = {literal}\n")
+    with pytest.raises(ConfigError, match="inference_timeout must be a finite number"):
+        Config.from_toml(path)
+    with pytest.raises(ConfigError, match="finite"):
+        Config.from_sources([f"--send-timeout={literal}"])
+    # NaN passes any comparison-based check (nan <= 0 is False): this is the one that stops it.
+    with pytest.raises(ConfigError, match="max_realtime_factor must be a finite number"):
+        Config(max_realtime_factor=float("nan"))
+
+
+def test_an_empty_language_in_the_file_means_detect_as_the_flag_does(tmp_path) -> None:
+    path = tmp_path / "stt.toml"
+    path.write_text('language = ""\n')
+    assert Config.from_toml(path).language is None
+    assert Config.from_sources(["--language", ""]).language is None
+
+
+def test_defaults_keep_one_address_from_taking_every_slot() -> None:
+    config = Config()
+    assert 0 < config.max_sessions_per_ip < config.max_connections

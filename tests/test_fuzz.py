@@ -185,4 +185,4 @@ async def test_garbage_clients_do_not_disturb_a_good_client(nursery, speech_mode
     assert max(stormy.final_latencies()) < max(calm.final_latencies()) + 1.0
     assert not server.sessions  # every garbage session was cleaned up
     # The first storm may warm caches and pools; a leak would grow again with the second.
-    assert after_second - after_first < 15, (after_first, after_second)
+    assert after_second - after_first < 25, (after_first, after_second)
