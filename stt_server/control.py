@@ -27,13 +27,12 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
-if TYPE_CHECKING:
-    from .server import Server, ServerStatistics
+from .stats import ServerStatistics
 
 log = logging.getLogger(__name__)
 
@@ -377,14 +376,26 @@ def _remove_stale(path: Path) -> None:
     raise ControlError(f"another server is listening on {path}")
 
 
+class ControlTarget(Protocol):
+    """What the control socket may read and ask of the server: a snapshot and the operator's
+    commands, nothing else. The server implements it; tests can too."""
+
+    def statistics(self) -> ServerStatistics: ...
+    def kick(self, session_id: str, reason: str) -> bool: ...
+    def start_draining(self) -> None: ...
+    def stop_draining(self) -> None: ...
+    def reset_breaker(self, gpu: int) -> bool: ...
+    def set_max_connections(self, value: int) -> None: ...
+
+
 class ControlServer:
-    def __init__(self, server: Server | None, path: Path, *, group: str = "") -> None:
+    def __init__(self, server: ControlTarget | None, path: Path, *, group: str = "") -> None:
         self._server = server
         self.path = path
         self._group = group
         self._on_drain: Callable[[], None] = lambda: None
 
-    def attach(self, server: Server, *, on_drain: Callable[[], None]) -> None:
+    def attach(self, server: ControlTarget, *, on_drain: Callable[[], None]) -> None:
         """Bind to the running server (created after the path was checked)."""
         self._server = server
         self._on_drain = on_drain
@@ -531,7 +542,7 @@ class ControlServer:
             server.stop_draining()
             return {"ok": True}
         if request.cmd == "reset_breaker":
-            if not server.pool.reset_breaker(request.gpu):
+            if not server.reset_breaker(request.gpu):
                 raise ControlError(f"no GPU {request.gpu} with a circuit breaker")
             return {"ok": True}
         if request.cmd == "set_max_connections":

@@ -20,7 +20,7 @@ from .errors import ErrorCode
 
 if TYPE_CHECKING:
     from .engine import Transcript
-    from .server import ServerStatistics
+    from .stats import ServerStatistics
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)

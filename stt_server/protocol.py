@@ -14,9 +14,8 @@ from typing import Any
 
 import attrs
 
-from . import jsonlimits
 from .errors import InvalidAudio, InvalidMessage, excerpt
-from .jsonlimits import JsonRejected
+from .jsonlimits import JsonRejected, loads_object
 
 #: Sample rates a client may declare; anything else is resampled from this range to 16 kHz.
 MIN_SAMPLE_RATE = 8000
@@ -85,7 +84,7 @@ def parse_client_message(message: str | bytes) -> ClientEvent:
     if isinstance(message, bytes):
         return AudioChunk(_check_pcm(message))
     try:
-        obj = jsonlimits.loads_object(message)
+        obj = loads_object(message)
     except JsonRejected as exc:
         raise InvalidMessage(f"text frames must be JSON objects ({exc})") from None
     kind = obj.get("type")

@@ -25,12 +25,11 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from . import websocket
 from .admission import Decision, RefusalReason
 from .auth import TokenStore, address_key, client_ip, credentials, parse_networks
 from .config import Config
 from .control import ControlServer, resolve_socket_path
-from .devices import Device, DevicePool, DeviceStatistics, open_pool
+from .devices import Device, DevicePool, open_pool
 from .engine import SpeechModel
 from .errors import CloseCode, ErrorCode, excerpt
 from .http import (
@@ -52,12 +51,13 @@ from .session import (
     CloseRequest,
     LanguageCheck,
     Session,
-    SessionStatistics,
     finish_timeout,
 )
+from .stats import KickedClient, ServerStatistics
 from .systemd import Notifier
 from .vad import SileroModel
 from .websocket import FrameLimits
+from .websocket import accept as accept_websocket
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +98,6 @@ class _Connection:
         return f"session {self.session_id} ({self.peer})" if self.session_id else self.peer
 
 
-@attrs.frozen
-class ServerStatistics:
-    listening: tuple[tuple[str, int], ...]
-    uptime: float
-    draining: bool
-    max_connections: int
-    accepted: int
-    refused: dict[str, int]
-    #: Connections open that have not finished their handshake yet.
-    handshaking: int
-    sessions: tuple[SessionStatistics, ...]
-    devices: tuple[DeviceStatistics, ...]
-    kicked: tuple[KickedClient, ...]
-    kicked_total: int
-
-
 def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
     """``("host:port", "host")`` of the socket peer, through a TLS layer if there is one."""
     transport = getattr(stream, "transport_stream", stream)
@@ -152,14 +136,6 @@ class Client:
             else f"{self.ip} via {self.peer}"
         )
         return f"{who} ({self.label})" if self.label else who
-
-
-@attrs.frozen
-class KickedClient:
-    session_id: str
-    peer: str
-    reason: str
-    at: float  # wall-clock time
 
 
 #: Kicked clients remembered for the operator's console; older ones are forgotten.
@@ -303,6 +279,10 @@ class Server:
         log.warning("kicking session %s (%s): %s", session_id, session.peer, reason)
         session.close(CloseRequest(CloseCode.KICKED, ErrorCode.KICKED, reason))
         return True
+
+    def reset_breaker(self, gpu: int) -> bool:
+        """Close GPU ``gpu``'s breaker by hand; False if there is no such GPU breaker."""
+        return self.pool.reset_breaker(gpu)
 
     def set_max_connections(self, value: int) -> None:
         if value <= 0:
@@ -470,7 +450,7 @@ class Server:
                     if isinstance(early, Response):
                         await self._answer(stream, early, connection)
                         return None
-                    connection.ws = await websocket.accept(
+                    connection.ws = await accept_websocket(
                         nursery,
                         ReplayStream(stream, raw),
                         self._frame_limits,

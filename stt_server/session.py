@@ -56,6 +56,7 @@ from .protocol import (
 )
 from .ratelimit import TokenBucket
 from .segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
+from .stats import SessionStatistics
 from .vad import SileroModel, VadStream
 
 log = logging.getLogger(__name__)
@@ -83,21 +84,6 @@ class CloseRequest:
     close_code: CloseCode
     error_code: ErrorCode | None = None
     message: str = ""
-
-
-@attrs.frozen
-class SessionStatistics:
-    session_id: str
-    peer: str
-    started: float
-    duration: float
-    audio_seconds: float
-    utterances: int
-    errors: int
-    device: str
-    last_partial_latency: float | None
-    last_final_latency: float | None
-    token_label: str | None = None
 
 
 class _LatestPartial:

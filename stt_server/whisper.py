@@ -10,6 +10,7 @@ import attrs
 import numpy as np
 
 from .config import EMBEDDED_MODEL, Config
+from .cudalibs import preload_cuda_libraries
 from .engine import TranscribeOptions
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def resolve_model(name: str) -> tuple[str, str]:
 def cuda_device_count() -> int:
     import ctranslate2
 
+    preload_cuda_libraries()  # before CTranslate2 touches CUDA, which opens them by name
     try:
         return ctranslate2.get_cuda_device_count()
     except Exception:  # CTranslate2 built without CUDA, or the driver is broken
@@ -65,6 +67,8 @@ class WhisperModel:
         compute_type = resolve_compute_type(config.compute_type, device)
         label = f"{device}:{device_index}" if device == "cuda" else device
         log.info("loading model %s on %s (%s)", name, label, compute_type)
+        if device == "cuda":
+            preload_cuda_libraries()
         model = faster_whisper.WhisperModel(
             source,
             device=device,
