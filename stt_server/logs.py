@@ -10,9 +10,14 @@ import time
 
 from .config import Config
 
+#: What every LogRecord has; anything else on a record came from ``extra=`` and is a field.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers."""
+    """One JSON object per line, for log shippers: time, level, logger and message, plus the
+    fields the call site gave as ``extra`` (event, session_id, peer, token_label, device,
+    durations, error_code, ...) as keys of their own, so tools filter on them."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -22,9 +27,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_") and key not in entry:
+                entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup_logging(config: Config) -> None:

@@ -332,7 +332,12 @@ class Server:
             "internal error serving %s; connection closed",
             connection.describe(),
             exc_info=exc,
-            extra={"session_id": connection.session_id, "peer": connection.peer},
+            extra={
+                "event": "internal_error",
+                "session_id": connection.session_id,
+                "peer": connection.peer,
+                "error_code": ErrorCode.INTERNAL_ERROR.value,
+            },
         )
 
     async def _tell_internal_error(
@@ -523,7 +528,18 @@ class Server:
 
     def _count_refusal(self, reason: RefusalReason, client: Client, message: str) -> None:
         self._refused[reason.value] += 1
-        log.info("refused %s: %s (%s)", client.describe(), reason.value, message)
+        log.info(
+            "refused %s: %s (%s)",
+            client.describe(),
+            reason.value,
+            message,
+            extra={
+                "event": "session_refused",
+                "peer": client.describe(),
+                "token_label": client.label,
+                "reason": reason.value,
+            },
+        )
 
     async def _refuse(self, ws: WebSocketConnection, client: Client, refusal: Refusal) -> None:
         """Tell a client why it cannot have a session, then close without lingering: a refused

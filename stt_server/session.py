@@ -180,7 +180,9 @@ class Session:
     async def run(self) -> None:
         """Serve the client until the session ends one way or the other."""
         self._outbox.put(session_message(self.session_id, MODEL_SAMPLE_RATE, self._model_name))
-        log.info("session %s start peer=%s", self.session_id, self.peer)
+        log.info(
+            "session %s start peer=%s", self.session_id, self.peer, extra=self._fields("start")
+        )
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -192,17 +194,37 @@ class Session:
                     nursery.start_soon(self._length_limit)
                 nursery.start_soon(self._intake_then_close)
         finally:
+            duration = trio.current_time() - self._started
             log.info(
                 "session %s end peer=%s reason=%s duration=%.1fs audio=%.1fs utterances=%d "
                 "errors=%d",
                 self.session_id,
                 self.peer,
                 self.end_reason,
-                trio.current_time() - self._started,
+                duration,
                 self._audio_in,
                 self._utterances,
                 self._errors_total,
+                extra=self._fields(
+                    "end",
+                    reason=self.end_reason,
+                    duration_s=round(duration, 3),
+                    audio_s=round(self._audio_in, 3),
+                    utterances=self._utterances,
+                    errors=self._errors_total,
+                ),
             )
+
+    def _fields(self, event: str, **more: object) -> dict[str, object]:
+        """Fields a JSON log line carries as keys (see logs.JsonFormatter)."""
+        return {
+            "event": f"session_{event}",
+            "session_id": self.session_id,
+            "peer": self.peer,
+            "token_label": self.token_label,
+            "device": self._engine.device,
+            **more,
+        }
 
     def move_to(self, engine: Engine, why: str) -> None:
         """Continue on another device (its old one failed); the client is told, not closed."""
@@ -264,7 +286,7 @@ class Session:
                 log.exception(
                     "session %s: internal error in intake",
                     self.session_id,
-                    extra={"session_id": self.session_id, "peer": self.peer},
+                    extra=self._fields("error", error_code=ErrorCode.INTERNAL_ERROR.value),
                 )
                 request = CloseRequest(
                     CloseCode.INTERNAL_ERROR, ErrorCode.INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE
@@ -330,7 +352,11 @@ class Session:
                 self._consecutive_errors += 1
                 self._errors_total += 1
                 log.info(
-                    "session %s error %s: %s", self.session_id, exc.error_code.value, exc.message
+                    "session %s error %s: %s",
+                    self.session_id,
+                    exc.error_code.value,
+                    exc.message,
+                    extra=self._fields("error", error_code=exc.error_code.value),
                 )
                 if exc.close_code is not None:
                     return CloseRequest(exc.close_code, exc.error_code, exc.message)
@@ -450,9 +476,9 @@ class Session:
                 "session %s utterance %d: transcription failed",
                 self.session_id,
                 ended.utterance_id,
-                extra={"session_id": self.session_id, "peer": self.peer},
+                extra=self._fields("error", error_code=ErrorCode.TRANSCRIPTION_FAILED.value),
             )
-            self._report_failure(ended.utterance_id, "internal error")
+            self._report_failure(ended.utterance_id, "internal error", logged=True)
             return
         self._metrics.observe_transcription(transcript, final=True)
         text = transcript.text if transcript else ""
@@ -487,10 +513,15 @@ class Session:
             final=final, language=self._language, context_samples=context_samples, prefix=prefix
         )
 
-    def _report_failure(self, utterance_id: int, why: str) -> None:
-        log.warning(
-            "session %s utterance %d: transcription failed: %s", self.session_id, utterance_id, why
-        )
+    def _report_failure(self, utterance_id: int, why: str, *, logged: bool = False) -> None:
+        if not logged:
+            log.warning(
+                "session %s utterance %d: transcription failed: %s",
+                self.session_id,
+                utterance_id,
+                why,
+                extra=self._fields("error", error_code=ErrorCode.TRANSCRIPTION_FAILED.value),
+            )
         self._send_error(
             ErrorCode.TRANSCRIPTION_FAILED,
             f"utterance {utterance_id} could not be transcribed: {why}",
