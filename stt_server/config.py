@@ -9,6 +9,7 @@ setting documented here is a setting that exists in both places.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,17 @@ def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute, str], None]:
             raise ConfigError(f"{attribute.name} must be one of {options}; got {value!r}")
 
     return check
+
+
+def _networks(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    for part in value.split(","):
+        if part.strip():
+            try:
+                ipaddress.ip_network(part.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{attribute.name}: {part.strip()!r} is not an address or network"
+                ) from None
 
 
 def _optional_text(value: str) -> str | None:
@@ -256,6 +268,7 @@ class Config:
         "comma-separated addresses/networks of reverse proxies whose X-Forwarded-For is "
         "believed (the right-most address not in this list is the client; e.g. "
         "127.0.0.1,10.0.0.0/8)",
+        validator=_networks,
         metavar="NETWORKS",
     )
     real_ip_header: str = _setting(
@@ -416,10 +429,21 @@ def _flag_type(field: attrs.Attribute) -> Callable[[str], Any]:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """The ``stt-server`` command line: one flag per :class:`Config` field, plus ``--config``."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="stt-server",
-        description="Multi-user real-time speech-to-text server (WebSocket).",
+        description="Multi-user real-time speech-to-text server (WebSocket). With no command, "
+        "serve with the settings below.",
+        epilog="commands:\n"
+        "  stt-server token new LABEL     make a client token (line 1) and its tokens-file "
+        "line (line 2)\n"
+        "  stt-server check-config FILE   print the effective settings and every problem "
+        "with them, without starting\n\n"
+        "Every flag is also a key of the --config file (dashes become underscores).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config",
         metavar="FILE",

@@ -27,7 +27,11 @@ def test_flags_override_file_which_overrides_defaults(tmp_path) -> None:
 
 
 def test_every_flag_has_a_config_key_and_back() -> None:
-    flags = {a.dest for a in build_arg_parser()._actions if a.option_strings} - {"help", "config"}
+    flags = {a.dest for a in build_arg_parser()._actions if a.option_strings} - {
+        "help",
+        "version",
+        "config",
+    }
     import attrs
 
     assert flags == {f.name for f in attrs.fields(Config)}
