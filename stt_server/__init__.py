@@ -2,6 +2,6 @@
 
 from .config import Config
 from .server import Server, serve
+from .version import __version__
 
-__all__ = ["Config", "Server", "serve"]
-__version__ = "0.1.0"
+__all__ = ["Config", "Server", "__version__", "serve"]

@@ -429,7 +429,7 @@ def _flag_type(field: attrs.Attribute) -> Callable[[str], Any]:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """The ``stt-server`` command line: one flag per :class:`Config` field, plus ``--config``."""
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(
         prog="stt-server",

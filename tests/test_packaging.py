@@ -101,7 +101,8 @@ def test_readers_of_the_server_state_never_import_the_server() -> None:
     for reader in ("stt_server.control", "stt_server.metrics", "stt_server.stats"):
         assert not graph[reader] & {"stt_server.server", "stt_server.session"}, reader
     # The sans-IO core stays free of I/O layers.
-    for core in ("protocol", "segmenter", "breaker", "admission", "jsonlimits", "errors"):
+    core_modules = ("protocol", "segmenter", "breaker", "admission", "jsonlimits", "errors")
+    for core in (*core_modules, "ratelimit", "config", "auth"):
         assert "trio" not in {
             m.split(".")[0] for m in imports(f"stt_server.{core}", MODULES[f"stt_server.{core}"])
         }, core
