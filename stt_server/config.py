@@ -145,6 +145,13 @@ class Config:
     cpu_threads: int = _setting(1, "CPU threads per inference worker", validator=_positive)
     beam_size: int = _setting(5, "beam size for final transcripts", validator=_positive)
     partial_beam_size: int = _setting(1, "beam size for partial transcripts", validator=_positive)
+    short_partials: bool = _setting(
+        True,
+        "decode partials on a window the length of the utterance (plus 0.5 s) instead of "
+        "Whisper's full 30 s; several times cheaper (finals always use the full window)",
+        parse=_parse_bool,
+        metavar="BOOL",
+    )
     inference_timeout: float = _setting(
         60.0, "seconds a session waits for one transcription", validator=_positive
     )

@@ -12,6 +12,7 @@ import numpy as np
 from .config import EMBEDDED_MODEL, Config
 from .cudalibs import preload_cuda_libraries
 from .engine import TranscribeOptions
+from .windowing import is_looping, keep_spoken, split_segments
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,18 @@ log = logging.getLogger(__name__)
 #: both thinks it is not speech and is unsure of its words. Keeps coughs and hum out of finals.
 _NO_SPEECH_THRESHOLD = 0.6
 _LOG_PROB_THRESHOLD = -1.0
+
+SAMPLE_RATE = 16000
+
+#: Silence after the audio in a short window: the decoder needs a little to end on.
+SHORT_WINDOW_PAD = 0.5
+
+#: Whisper's full window in mel frames (30 s); a short window never exceeds it.
+FULL_WINDOW_FRAMES = 3000
+
+#: Token budget of a short-window decode per second of audio (read speech is ~4 tokens a
+#: second, timestamps included); a looping decoder runs out instead of filling 448 tokens.
+TOKENS_PER_SECOND = 7
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -58,6 +71,8 @@ class WhisperModel:
     beam_size: int
     partial_beam_size: int
     _model: object
+    short_partials: bool = False
+    _tokenizers: dict = attrs.field(factory=dict)
 
     @classmethod
     def load(cls, config: Config, *, device: str, device_index: int = 0) -> WhisperModel:
@@ -84,6 +99,7 @@ class WhisperModel:
             beam_size=config.beam_size,
             partial_beam_size=config.partial_beam_size,
             model=model,
+            short_partials=config.short_partials,
         )
 
     @property
@@ -91,6 +107,14 @@ class WhisperModel:
         return bool(self._model.model.is_multilingual)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        language = options.language if self.is_multilingual else "en"
+        if not options.final and self.short_partials and language is not None:
+            speech = audio[options.context_samples :]
+            text = self._decode_short(speech, language)
+            if not is_looping(text):
+                return text
+            log.debug("short-window partial loops; decoding it on the full window")
+            return self._decode(speech, options, prefix=None)
         if options.prefix and options.context_samples:
             # Whisper decodes the context audio as the forced prefix and carries on from there;
             # the prefix comes back at the start of the text and is cut off again.
@@ -99,6 +123,42 @@ class WhisperModel:
                 return text[len(options.prefix.strip()) :].strip()
             log.debug("context prefix not echoed; transcribing without context")
         return self._decode(audio[options.context_samples :], options, prefix=None)
+
+    def _tokenizer(self, language: str):
+        from faster_whisper.tokenizer import Tokenizer
+
+        if language not in self._tokenizers:
+            model = self._model
+            self._tokenizers[language] = Tokenizer(
+                model.hf_tokenizer, model.model.is_multilingual, "transcribe", language
+            )
+        return self._tokenizers[language]
+
+    def _decode_short(self, audio: np.ndarray, language: str) -> str:
+        """A partial on a window the length of the audio plus ``SHORT_WINDOW_PAD``: the encoder
+        costs in proportion to its input. Timestamps on and a token budget by duration, so
+        that what the decoder says about the padding can be told apart and dropped."""
+        import ctranslate2
+
+        model = self._model
+        tokenizer = self._tokenizer(language)
+        duration = audio.size / SAMPLE_RATE
+        features = model.feature_extractor(audio, padding=int(SHORT_WINDOW_PAD * SAMPLE_RATE))
+        frames = min(features.shape[-1] - features.shape[-1] % 2, FULL_WINDOW_FRAMES)
+        window = ctranslate2.StorageView.from_array(
+            np.ascontiguousarray(features[None, :, :frames], dtype=np.float32)
+        )
+        prompt = list(tokenizer.sot_sequence)
+        result = model.model.generate(
+            window,
+            [prompt],
+            beam_size=self.partial_beam_size,
+            max_length=len(prompt) + int(duration * TOKENS_PER_SECOND) + 8,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+        )
+        segments = split_segments(result[0].sequences_ids[0], tokenizer.timestamp_begin)
+        return keep_spoken(segments, duration, tokenizer.decode)
 
     def _decode(self, audio: np.ndarray, options: TranscribeOptions, prefix: str | None) -> str:
         segments, _info = self._model.transcribe(

@@ -1,0 +1,106 @@
+"""Right-sized decoding windows for partials, sans-IO: what to keep of a short-window decode.
+
+Whisper is trained on 30-second windows. Given only the utterance so far (plus a little
+silence), its encoder costs a fraction as much, but the decoder, seeing the audio end early,
+tends to go on: it restarts the sentence, repeats its last words, or makes up a segment in the
+padding. Decoding with timestamps makes those visible: each segment says where it starts. So:
+
+- a segment that starts at or past the end of the real audio is padding talk: dropped;
+- a segment whose words restart the text already kept, or repeat its end, is a loop: dropped;
+- if what is left still repeats itself (:func:`is_looping`), the caller decodes again on the
+  full window, where the problem does not arise.
+
+Token ids are plain integers here; timestamps are the ids at and above ``timestamp_begin``, one
+step per 20 ms, as in Whisper's vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+#: Seconds per timestamp token step.
+TIMESTAMP_STEP = 0.02
+
+#: A segment must start this far before the end of the real audio to be kept.
+END_MARGIN = 0.1
+
+#: A run of this many words said twice in one utterance is a loop.
+LOOP_WORDS = 5
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
+def split_segments(tokens: list[int], timestamp_begin: int) -> list[tuple[float | None, list[int]]]:
+    """``[(start seconds or None, text tokens), ...]`` from a timestamped token sequence."""
+    segments: list[tuple[float | None, list[int]]] = []
+    start: float | None = None
+    text: list[int] = []
+    for token in tokens:
+        if token >= timestamp_begin:
+            seconds = (token - timestamp_begin) * TIMESTAMP_STEP
+            if start is None and not text:
+                start = seconds  # opens a segment
+            else:
+                segments.append((start, text))  # closes it
+                start, text = None, []
+        else:
+            text.append(token)
+    if text:
+        segments.append((start, text))
+    return segments
+
+
+def is_looping(text: str) -> bool:
+    """Whether the text repeats itself as a decoder does when it runs on: one word three times
+    in a row, a run of 2 to 4 words twice in a row, or a run of ``LOOP_WORDS`` or more words
+    twice anywhere (read speech does not say the same five words twice in one utterance)."""
+    words = _words(text)
+    for i in range(len(words) - 2):
+        if words[i] == words[i + 1] == words[i + 2]:
+            return True
+    for size in range(2, LOOP_WORDS):
+        for i in range(len(words) - 2 * size + 1):
+            if words[i : i + size] == words[i + size : i + 2 * size]:
+                return True
+    seen = set()
+    for i in range(len(words) - LOOP_WORDS + 1):
+        run = tuple(words[i : i + LOOP_WORDS])
+        if run in seen:
+            return True
+        seen.add(run)
+    return False
+
+
+def _restarts_or_repeats(kept: list[str], new: list[str]) -> bool:
+    if not kept or not new:
+        return False
+    if kept[: len(new)] == new or new[: len(kept)] == kept:
+        return True  # the sentence starts again
+    tail = kept[-len(new) :]
+    return len(new) >= 2 and tail == new  # the last words again
+
+
+def keep_spoken(
+    segments: list[tuple[float | None, list[int]]],
+    duration: float,
+    decode: Callable[[list[int]], str],
+) -> str:
+    """The text of the segments that describe the real audio, without restarts and repeats.
+    ``decode`` turns text tokens into text."""
+    kept_text: list[str] = []
+    kept_words: list[str] = []
+    for start, tokens in segments:
+        if start is not None and start >= duration - END_MARGIN:
+            break  # everything from here on is about the padding
+        text = decode(tokens).strip()
+        words = _words(text)
+        if not words:
+            continue
+        if _restarts_or_repeats(kept_words, words):
+            break
+        kept_text.append(text)
+        kept_words.extend(words)
+    return " ".join(kept_text)
