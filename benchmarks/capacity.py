@@ -1,0 +1,178 @@
+"""How many real-time users one server holds: a ramp of concurrent streams, with and without
+the throughput techniques, in the same run.
+
+    python benchmarks/capacity.py                         # ramp 1 2 4 6 8 10 12 16, on and off
+    python benchmarks/capacity.py --clients 4 8 --seconds 30 --modes on
+
+For each mode a server is started (``stt-server`` subprocess, per-address limits off); for each
+N, N clients stream at real-time pace for ``--seconds``, each looping its clip (clips cycled
+over the clients) with 1.5 s pauses between readings, as a person reading aloud would. A step
+passes when
+
+- p95 final latency <= ``--latency`` (the client had sent the utterance's last audio ->
+  its ``completed`` arrived; this includes the server's ``min_silence`` endpoint wait),
+- partials arrive at least every ``--partial-gap`` seconds while an utterance is open (p95 of
+  the gaps between partials of one utterance), and
+- WER of the streamed finals is within ``--wer-slack`` of offline transcription of the same
+  clips by the same model.
+
+It prints a line per step, the largest passing N per mode, their ratio, and the server's CPU
+seconds per second of audio served (from /proc, the server process alone).
+
+The default clips leave out jfk.wav: its first utterance ("And so my fellow Americans") is cut
+at a pause, and tiny.en mishears that fragment alone (README, Known limitations), which would
+fail the WER bound at every N and hide what the ramp measures.
+
+Modes: ``on`` is the server's defaults; ``off`` is the same with ``--short-partials false``
+(every partial on Whisper's full 30 s window, as before right-sized windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import trio
+
+from stt_server.loadtest.client import StreamResult, read_wav, stream_audio
+from stt_server.loadtest.clips import CLIPS_DIR, references
+from stt_server.loadtest.local import free_port, server_command, wait_until_listening
+from stt_server.loadtest.wer import word_error_rate
+
+MODES = {"on": [], "off": ["--short-partials", "false"]}
+PAUSE = 1.5  # seconds of silence between two readings of a clip
+RATE = 16000
+
+
+def looped(clip: np.ndarray, seconds: float) -> tuple[np.ndarray, int]:
+    """The clip, a pause, the clip again... at least ``seconds`` long; and how many readings."""
+    pause = np.zeros(int(PAUSE * RATE), dtype=np.int16)
+    pieces, total, readings = [], 0, 0
+    while total < seconds * RATE:
+        pieces += [clip, pause]
+        total += clip.size + pause.size
+        readings += 1
+    return np.concatenate(pieces), readings
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def one_step(url: str, tracks: list[tuple[str, np.ndarray, str]]) -> list[StreamResult]:
+    results: list[StreamResult | None] = [None] * len(tracks)
+
+    async def client(i: int, samples: np.ndarray) -> None:
+        await trio.sleep(i * 0.37 % 2.0)  # people do not start in step
+        results[i] = await stream_audio(url, samples)
+
+    async with trio.open_nursery() as nursery:
+        for i, (_, samples, _) in enumerate(tracks):
+            nursery.start_soon(client, i, samples)
+    return [r for r in results if r is not None]
+
+
+def offline_wer(names: list[str], refs: dict[str, str]) -> dict[str, float]:
+    from stt_server.config import Config
+    from stt_server.whisper import WhisperModel
+
+    model = WhisperModel.load(Config(), device="cpu")._model
+    out = {}
+    for name in names:
+        audio = read_wav(CLIPS_DIR / name).astype(np.float32) / 32768
+        segments, _ = model.transcribe(audio, language="en")
+        out[name] = word_error_rate(refs[name], " ".join(s.text for s in segments))
+    return out
+
+
+def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> int:
+    refs = references()
+    port = free_port()
+    cmd = server_command(
+        port,
+        "--max-connections", "200",
+        "--max-sessions-per-ip", "0",
+        "--connections-per-minute", "0",
+        "--control-socket", "",
+        "--log-level", "warning",
+        *MODES[mode],
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    best = 0
+    try:
+        if not wait_until_listening(port, 120):
+            raise SystemExit("server did not start")
+        url = f"ws://127.0.0.1:{port}/"
+        print(f"\n== mode {mode}: {' '.join(cmd[3:])}", flush=True)
+        print("   N  final p50  p95   partial-gap p95  WER stream/offline  CPU-s/audio-s  pass")
+        for n in args.clients:
+            tracks = []
+            for i in range(n):
+                name = args.clips[i % len(args.clips)]
+                samples, readings = looped(read_wav(CLIPS_DIR / name), args.seconds)
+                tracks.append((name, samples, " ".join([refs[name]] * readings)))
+            cpu_before, wall_before = cpu_seconds(proc.pid), time.monotonic()
+            results = trio.run(one_step, url, tracks)
+            cpu = cpu_seconds(proc.pid) - cpu_before
+            audio = sum(t[1].size for t in tracks) / RATE
+            finals = [lat for r in results for lat in r.final_latencies()]
+            gaps = [g for r in results for g in r.partial_intervals()]
+            stream_wer = statistics.mean(
+                word_error_rate(ref, r.text) for (_, _, ref), r in zip(tracks, results, strict=True)
+            )
+            base = statistics.mean(offline[t[0]] for t in tracks)
+            errors = sum(len(r.errors) for r in results)
+            ok = (
+                percentile(finals, 95) <= args.latency
+                and percentile(gaps, 95) <= args.partial_gap
+                and stream_wer <= base + args.wer_slack
+                and errors == 0
+                and all(r.close_code == 1000 for r in results)
+            )
+            print(
+                f"  {n:2d}  {percentile(finals, 50):8.2f}  {percentile(finals, 95):4.2f}"
+                f"   {percentile(gaps, 95):14.2f}   {stream_wer * 100:6.1f}% / {base * 100:4.1f}%"
+                f"   {cpu / audio:12.3f}   {'yes' if ok else 'no'}"
+                f"{f'  ({errors} errors)' if errors else ''}"
+                f"  [{time.monotonic() - wall_before:.0f} s]",
+                flush=True,
+            )
+            if ok:
+                best = n
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    print(f"   largest N that passes ({mode}): {best}")
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10, 12, 16])
+    parser.add_argument("--seconds", type=float, default=40.0, help="audio per client per step")
+    parser.add_argument("--clips", nargs="+", default=["cats.wav", "lucier.wav", "ldc93s1.wav"])
+    parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=sorted(MODES))
+    parser.add_argument("--latency", type=float, default=1.0, help="p95 final latency bound (s)")
+    parser.add_argument("--partial-gap", type=float, default=1.5, help="p95 partial gap bound")
+    parser.add_argument("--wer-slack", type=float, default=0.01, help="WER above offline allowed")
+    args = parser.parse_args()
+    offline = offline_wer(sorted(set(args.clips)), references())
+    best = {mode: run_mode(mode, args, offline) for mode in args.modes}
+    if set(best) == {"on", "off"}:
+        ratio = best["on"] / best["off"] if best["off"] else float("inf")
+        print(f"\nlargest N: on {best['on']}, off {best['off']} (ratio {ratio:.1f})")
+
+
+if __name__ == "__main__":
+    main()
