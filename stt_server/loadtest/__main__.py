@@ -1,0 +1,5 @@
+"""``python -m stt_server.loadtest``: the same as ``stt-loadtest``."""
+
+from .cli import main
+
+raise SystemExit(main())
