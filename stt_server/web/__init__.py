@@ -1,0 +1,1 @@
+"""The browser page served at ``/`` and its assets under ``/static/`` (package data)."""
