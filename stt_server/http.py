@@ -1,4 +1,5 @@
-"""Plain HTTP on the WebSocket port: ``/health``, ``/metrics``, and a 404 for everything else.
+"""Plain HTTP on the WebSocket port: ``/health``, ``/metrics``, the browser page (``/`` and
+``/static/``, see :mod:`.static`), and a 404 for everything else.
 
 Every connection's request head is read here first (h11 parses it). An upgrade to WebSocket is
 handed on to trio-websocket through :class:`ReplayStream`, which gives back the bytes already
@@ -19,6 +20,7 @@ import attrs
 import h11
 import trio
 
+from . import static
 from .errors import excerpt
 
 #: A request head larger than this is refused (431): real ones are a few hundred bytes.
@@ -26,6 +28,7 @@ MAX_HEAD_BYTES = 16 * 1024
 
 _REASONS = {
     200: "OK",
+    304: "Not Modified",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -137,17 +140,26 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    #: Answers about live state (health, metrics, errors) are never stored; the page's files
+    #: choose their own policy (see :mod:`stt_server.static`).
+    cache_control: str = "no-store"
 
     def encode(self, *, with_body: bool = True) -> bytes:
+        # A 304 has no body and must not describe one: no Content-Type or Content-Length.
+        entity = (
+            ""
+            if self.status == 304
+            else f"Content-Type: {self.content_type}\r\nContent-Length: {len(self.body)}\r\n"
+        )
         head = (
             f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}\r\n"
-            f"Content-Type: {self.content_type}\r\n"
-            f"Content-Length: {len(self.body)}\r\n"
+            + entity
             + "".join(f"{name}: {value}\r\n" for name, value in self.headers)
-            + "Cache-Control: no-store\r\n"
+            + f"Cache-Control: {self.cache_control}\r\n"
             "Connection: close\r\n\r\n"
         )
-        return head.encode("ascii") + (self.body if with_body else b"")
+        body = self.body if with_body and self.status != 304 else b""
+        return head.encode("ascii") + body
 
 
 def json_response(status: int, obj: Any) -> Response:
@@ -171,6 +183,15 @@ def respond(head: RequestHead, routes: Routes) -> Response:
     if head.path == "/metrics":
         payload, content_type = routes.metrics()
         return Response(200, payload, content_type)
+    page = static.answer(head.path, head.headers)
+    if page is not None:
+        return Response(
+            page.status,
+            page.body,
+            page.content_type,
+            page.headers,
+            cache_control=page.cache_control,
+        )
     return json_response(404, {"error": f"no such page: {head.path}"})
 
 
