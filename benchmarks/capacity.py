@@ -23,8 +23,9 @@ The default clips leave out jfk.wav: its first utterance ("And so my fellow Amer
 at a pause, and tiny.en mishears that fragment alone (README, Known limitations), which would
 fail the WER bound at every N and hide what the ramp measures.
 
-Modes: ``on`` is the server's defaults; ``off`` is the same with ``--short-partials false``
-(every partial on Whisper's full 30 s window, as before right-sized windows).
+Modes: ``on`` is the server's defaults; ``off`` turns off both techniques (every partial on
+Whisper's full 30 s window, finals decoded only after the endpoint), as before them;
+``short-only`` and ``speculative-only`` keep one of the two.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from stt_server.loadtest.clips import CLIPS_DIR, references
 from stt_server.loadtest.local import free_port, server_command, wait_until_listening
 from stt_server.loadtest.wer import word_error_rate
 
-MODES = {"on": [], "off": ["--short-partials", "false"]}
+MODES = {
+    "on": [],
+    "off": ["--short-partials", "false", "--speculative-finals", "false"],
+    # One technique at a time, to see what each is worth.
+    "short-only": ["--speculative-finals", "false"],
+    "speculative-only": ["--short-partials", "false"],
+}
 PAUSE = 1.5  # seconds of silence between two readings of a clip
 RATE = 16000
 

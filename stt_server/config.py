@@ -210,6 +210,13 @@ class Config:
         "(with their text as a forced prefix); 0 = none",
         validator=_between(0.0, WHISPER_WINDOW_SECONDS - 1.0),
     )
+    speculative_finals: bool = _setting(
+        True,
+        "start decoding an utterance's final once its pause reaches speech_pad, instead of "
+        "after min_silence; thrown away if speech resumes",
+        parse=_parse_bool,
+        metavar="BOOL",
+    )
     min_speech: float = _setting(
         0.2, "utterances with less speech than this (s) are ignored", validator=_non_negative
     )

@@ -42,6 +42,13 @@ class Metrics:
         self.errors = Counter(
             "stt_errors", "Error messages sent to clients, by code", ["code"], registry=r
         )
+        self.speculative_finals = Counter(
+            "stt_speculative_finals",
+            "Finals decoded while an endpoint's silence was still being waited for, by outcome "
+            "(used; discarded because speech resumed; failed and decoded again)",
+            ["outcome"],
+            registry=r,
+        )
         self.partial_latency = Histogram(
             "stt_partial_latency_seconds",
             "From a partial being due to its realtime message being queued",

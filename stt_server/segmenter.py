@@ -19,6 +19,12 @@ answers with events. It is in one of two states:
     (so no word is split), otherwise hard, and the rest continues as a new utterance.
     Every ``partial_interval`` of new audio a :class:`PartialDue` asks for a partial transcript.
 
+    Once a silent run reaches ``speech_pad``, the audio the utterance will end with if the
+    silence lasts is already here: :class:`SpeechPaused` hands it over, so that the final can be
+    decoded while the rest of ``min_silence`` is still being waited for. Speech before the run
+    reaches ``min_silence`` sends :class:`SpeechResumed` (that audio is not the end after all);
+    otherwise the :class:`UtteranceEnded` that follows carries exactly the same samples.
+
 Times are counted in samples since the session's first sample, so ``start``/``end`` of an
 utterance are "seconds of audio since the session started" as the protocol promises.
 """
@@ -66,7 +72,24 @@ class UtteranceEnded:
     reason: str
 
 
-SegmenterEvent = PartialDue | UtteranceEnded
+@attrs.frozen
+class SpeechPaused:
+    """The open utterance, as it will end if the silence that has begun lasts."""
+
+    utterance_id: int
+    audio: np.ndarray = attrs.field(eq=False, repr=False)
+    #: Seconds of windows Silero called speech so far.
+    speech: float = 0.0
+
+
+@attrs.frozen
+class SpeechResumed:
+    """Speech came back before the pause became an endpoint: the paused audio is not final."""
+
+    utterance_id: int
+
+
+SegmenterEvent = PartialDue | UtteranceEnded | SpeechPaused | SpeechResumed
 
 
 def _samples(seconds: float) -> int:
@@ -106,6 +129,7 @@ class Segmenter:
         self._last_pause = 0
         self._speech = 0
         self._since_partial = 0
+        self._paused = False  # a SpeechPaused is out for the current silent run
 
     def _open(self, start: int, audio: np.ndarray) -> None:
         self._open_id = self._next_id
@@ -153,9 +177,25 @@ class Segmenter:
             self._silence_run = 0
             self._speech += WINDOW
             self._last_speech_end = self._len
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(self._open_id))
         elif prob < self._s.neg_threshold or self._silence_run:
             self._silence_run += WINDOW
             self._last_pause = self._len
+        if (
+            not self._paused
+            and 0 < self._silence_run < self._min_silence
+            and self._silence_run >= self._pad
+            and self._last_speech_end + self._pad <= self._len
+        ):
+            self._paused = True
+            end = self._last_speech_end + self._pad
+            events.append(
+                SpeechPaused(
+                    self._open_id, self._buf[:end].copy(), self._speech / MODEL_SAMPLE_RATE
+                )
+            )
         if self._silence_run >= self._min_silence:
             end = min(self._len, self._last_speech_end + self._pad)
             events.append(self._close(end, "silence"))

@@ -55,7 +55,15 @@ from .protocol import (
     session_message,
 )
 from .ratelimit import TokenBucket
-from .segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
+from .segmenter import (
+    PartialDue,
+    Segmenter,
+    SegmenterEvent,
+    SegmenterSettings,
+    SpeechPaused,
+    SpeechResumed,
+    UtteranceEnded,
+)
 from .stats import SessionStatistics
 from .vad import SileroModel, VadStream
 
@@ -84,6 +92,18 @@ class CloseRequest:
     close_code: CloseCode
     error_code: ErrorCode | None = None
     message: str = ""
+
+
+@attrs.define(eq=False)
+class _Speculation:
+    """A final decoded while the endpoint's silence is still being waited for."""
+
+    utterance_id: int
+    samples: int  # length of the audio it was decoded on
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    done: trio.Event = attrs.Factory(trio.Event)
+    transcript: Transcript | None = None
+    failed: bool = False
 
 
 class _LatestPartial:
@@ -154,6 +174,7 @@ class Session:
         self._latest_partial = _LatestPartial()
         self._partial_in_flight: tuple[int, trio.CancelScope] | None = None
         self._partial_shown_for = 0  # highest utterance id the client saw a partial of
+        self._speculation: _Speculation | None = None
         self._recent = RecentSpeech(config.context_seconds)
         self._consecutive_errors = 0
         self._errors_total = 0
@@ -395,7 +416,7 @@ class Session:
         if not samples.size:
             return
         windows, probs = self._vad.process(samples)
-        events: list[PartialDue | UtteranceEnded] = []
+        events: list[SegmenterEvent] = []
         for window, prob in zip(windows, probs, strict=True):
             events.extend(self._segmenter.push(window, float(prob)))
         await self._dispatch_all(events)
@@ -412,7 +433,7 @@ class Session:
         events.extend(self._segmenter.flush())
         return [e for e in events if isinstance(e, UtteranceEnded)]
 
-    async def _dispatch_all(self, events: Sequence[PartialDue | UtteranceEnded]) -> None:
+    async def _dispatch_all(self, events: Sequence[SegmenterEvent]) -> None:
         for i, event in enumerate(events):
             try:
                 await self._dispatch(event)
@@ -421,9 +442,15 @@ class Session:
                 self._undelivered.extend(e for e in events[i:] if isinstance(e, UtteranceEnded))
                 raise
 
-    async def _dispatch(self, event: PartialDue | UtteranceEnded) -> None:
+    async def _dispatch(self, event: SegmenterEvent) -> None:
         if isinstance(event, PartialDue):
             self._latest_partial.set(event)
+            return
+        if isinstance(event, SpeechPaused):
+            self._speculate(event)
+            return
+        if isinstance(event, SpeechResumed):
+            self._drop_speculation("speech resumed")
             return
         # A partial of an utterance that has just ended is wasted work: drop it, queued or running.
         self._latest_partial.discard_up_to(event.utterance_id)
@@ -452,8 +479,65 @@ class Session:
                     self._finals_pending -= 1
         self._finalizer_done.set()
 
+    # -- speculative finals ------------------------------------------------------------------
+    def _speculate(self, paused: SpeechPaused) -> None:
+        """Decode the final now, while the rest of ``min_silence`` is waited for. Only when no
+        earlier final is owed: the speaker context must be what the real final would see."""
+        self._drop_speculation("a newer pause")
+        if (
+            not self._config.speculative_finals
+            or self._finals_pending
+            or paused.speech < self._config.min_speech
+            or self._nursery is None
+        ):
+            return
+        speculation = _Speculation(paused.utterance_id, paused.audio.size)
+        self._speculation = speculation
+        self._nursery.start_soon(self._run_speculation, speculation, paused.audio)
+
+    async def _run_speculation(self, speculation: _Speculation, audio: np.ndarray) -> None:
+        with speculation.scope:
+            request, options = self._request(audio, final=True)
+            try:
+                with trio.fail_after(self._config.inference_timeout):
+                    speculation.transcript = await self._engine.transcribe(
+                        request, options, owner=self
+                    )
+            except Exception:  # the real final will try again, and report what fails then
+                speculation.failed = True
+        if speculation.scope.cancelled_caught:
+            speculation.failed = True
+        speculation.done.set()
+
+    def _drop_speculation(self, why: str) -> None:
+        if self._speculation is not None:
+            self._speculation.scope.cancel()
+            self._speculation = None
+            self._metrics.speculative_finals.labels("discarded").inc()
+            log.debug("session %s: speculative final dropped (%s)", self.session_id, why)
+
+    async def _take_speculation(self, ended: UtteranceEnded) -> Transcript | None:
+        """The speculative final for ``ended``, if one was decoded on exactly its audio."""
+        speculation = self._speculation
+        if speculation is None:
+            return None
+        if (speculation.utterance_id, speculation.samples) != (
+            ended.utterance_id,
+            ended.audio.size,
+        ):
+            self._drop_speculation("the utterance ended differently")
+            return None
+        self._speculation = None
+        await speculation.done.wait()
+        if speculation.failed or speculation.transcript is None:
+            self._metrics.speculative_finals.labels("failed").inc()
+            return None
+        self._metrics.speculative_finals.labels("used").inc()
+        return speculation.transcript
+
     async def _finalize(self, ended: UtteranceEnded, ended_at: float) -> None:
         shown = self._partial_shown_for >= ended.utterance_id
+        speculated = await self._take_speculation(ended)
         if ended.speech < self._config.min_speech and not shown:
             log.debug(
                 "session %s utterance %d skipped: %.2fs of speech",
@@ -465,7 +549,7 @@ class Session:
         audio, options = self._request(ended.audio, final=True)
         try:
             with trio.fail_after(self._config.inference_timeout):
-                transcript = await self._transcribe_final(audio, options)
+                transcript = speculated or await self._transcribe_final(audio, options)
         except trio.TooSlowError:
             self._report_failure(ended.utterance_id, "timed out")
             return

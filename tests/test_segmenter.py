@@ -5,7 +5,14 @@ import itertools
 import numpy as np
 import pytest
 
-from stt_server.segmenter import PartialDue, Segmenter, SegmenterSettings, UtteranceEnded
+from stt_server.segmenter import (
+    PartialDue,
+    Segmenter,
+    SegmenterSettings,
+    SpeechPaused,
+    SpeechResumed,
+    UtteranceEnded,
+)
 from stt_server.vad import WINDOW
 
 SETTINGS = SegmenterSettings(
@@ -132,3 +139,39 @@ def test_memory_is_bounded_by_max_utterance() -> None:
     seg = Segmenter(SETTINGS)
     feed(seg, [0.9] * secs(60))
     assert seg._buf.size == SETTINGS.max_utterance * 16000
+
+
+def test_a_pause_hands_over_the_final_audio_before_the_endpoint() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.9] * secs(1.0) + [0.0] * secs(1.0))
+    kinds = [type(e).__name__ for e in events if not isinstance(e, PartialDue)]
+    assert kinds == ["SpeechPaused", "UtteranceEnded"]
+    paused = next(e for e in events if isinstance(e, SpeechPaused))
+    (utt,) = ended(events)
+    # The same samples, handed over min_silence - speech_pad earlier.
+    assert paused.utterance_id == utt.utterance_id
+    assert np.array_equal(paused.audio, utt.audio)
+    # Handed over min_silence - speech_pad (0.3 s) before the endpoint.
+    seg = Segmenter(SETTINGS)
+    at = {}
+    for i, p in enumerate([0.9] * secs(1.0) + [0.0] * secs(1.0)):
+        for event in seg.push(np.zeros(WINDOW, dtype=np.float32), p):
+            at.setdefault(type(event).__name__, i)
+    assert (at["UtteranceEnded"] - at["SpeechPaused"]) * W == pytest.approx(0.3, abs=2 * W)
+
+
+def test_speech_after_a_short_pause_takes_the_paused_audio_back() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.9] * secs(1.0) + [0.0] * secs(0.45) + [0.9] * secs(1.0) + [0.0] * secs(1))
+    kinds = [type(e).__name__ for e in events if not isinstance(e, PartialDue)]
+    assert kinds == ["SpeechPaused", "SpeechResumed", "SpeechPaused", "UtteranceEnded"]
+    first, second = (e for e in events if isinstance(e, SpeechPaused))
+    (utt,) = ended(events)
+    assert first.audio.size < utt.audio.size and np.array_equal(second.audio, utt.audio)
+
+
+def test_no_pause_is_announced_for_a_flush_or_a_length_cut() -> None:
+    seg = Segmenter(SETTINGS)
+    events = feed(seg, [0.9] * secs(6.0))  # max_utterance 5 s: a hard cut, no silence
+    assert not any(isinstance(e, SpeechPaused | SpeechResumed) for e in events)
+    assert not any(isinstance(e, SpeechPaused) for e in seg.flush())

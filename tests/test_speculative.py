@@ -1,0 +1,102 @@
+"""Speculative finals: the final is decoded while the endpoint's silence is still being waited
+for, sent at the endpoint, and thrown away when speech comes back.
+
+The model here is slow on purpose and says which audio it was given (``n<samples>``), so the
+tests can tell which decode became the ``completed`` and how long the client waited for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import time
+
+import attrs
+import numpy as np
+import pytest
+import trio
+
+from stt_server.config import Config
+from stt_server.engine import TranscribeOptions
+from stt_server.loadtest.client import stream_audio
+from stt_server.server import serve
+
+from . import hostile
+
+#: Seconds a final takes in the fake model: longer than min_silence - speech_pad (0.3 s).
+FINAL_COST = 0.5
+
+
+@attrs.define
+class SlowModel:
+    name: str = "slow"
+    finals: list[int] = attrs.Factory(list)
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        if not options.final:
+            return ""
+        time.sleep(FINAL_COST)
+        with self._lock:
+            self.finals.append(audio.size)
+        return f"n{audio.size}"
+
+
+async def run(speech_model, samples: np.ndarray, speculative: bool):
+    model = SlowModel()
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        control_socket="",
+        context_seconds=0.0,  # the model sees exactly the utterance's audio
+        speculative_finals=speculative,
+    )
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(serve, config, model=model))
+        with trio.fail_after(60):
+            result = await stream_audio(f"ws://127.0.0.1:{server.port}/", samples)
+            metrics = await hostile.exchange(
+                server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+        nursery.cancel_scope.cancel()
+    counts = dict(re.findall(rb'stt_speculative_finals_total\{outcome="(\w+)"\} (\d+)', metrics))
+    return result, model, {k.decode(): int(float(v)) for k, v in counts.items()}
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * 16000), dtype=np.int16)
+
+
+async def test_a_speculative_final_arrives_sooner_and_is_the_same_decode(speech_model, clip):
+    samples = np.concatenate([clip("ldc93s1.wav"), silence(1.5)])
+    latencies = {}
+    for speculative in (True, False):
+        result, model, counts = await run(speech_model, samples, speculative)
+        (final,) = result.finals
+        # The completed text is the decode of exactly the utterance's audio, decoded once.
+        size = round((final["end"] - final["start"]) * 16000)
+        # (start and end are rounded to 10 ms on the wire)
+        assert final["text"] == f"n{model.finals[0]}" and abs(model.finals[0] - size) <= 200
+        assert len(model.finals) == 1
+        assert counts.get("used", 0) == (1 if speculative else 0), counts
+        latencies[speculative] = result.final_latencies()[0]
+    # Decoding began min_silence - speech_pad (0.3 s) before the endpoint.
+    assert latencies[True] < latencies[False] - 0.2, latencies
+
+
+async def test_speech_after_a_pause_throws_the_speculative_final_away(speech_model, clip):
+    speech = clip("ldc93s1.wav")[: int(2.0 * 16000)]  # the sentence, without its own silence
+    samples = np.concatenate([speech, silence(0.38), speech, silence(1.5)])
+    result, _, counts = await run(speech_model, samples, speculative=True)
+    (final,) = result.finals  # one utterance: the pause was shorter than min_silence
+    size = round((final["end"] - final["start"]) * 16000)
+    assert abs(int(final["text"][1:]) - size) <= 200
+    assert int(final["text"][1:]) > speech.size + 0.38 * 16000  # both readings, not the first
+    assert counts.get("discarded", 0) >= 1 and counts.get("used", 0) == 1, counts
+
+
+@pytest.fixture
+def speech_model():
+    """Not the real model: these tests start their own servers on the slow fake."""
+    return None
