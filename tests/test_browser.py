@@ -102,6 +102,13 @@ new MutationObserver(() => {
 """
 
 
+DIAGNOSE = """
+const text = (id) => document.getElementById(id)?.textContent;
+return { url: location.href, state: text("state"), notice: text("notice"), info: text("info"),
+         probe: window.__probe && { ...window.__probe, blobs: undefined } };
+"""
+
+
 def write_capture(path: Path, clip: str, *, silence_after: float = 1.5) -> Path:
     """A 16-bit PCM WAV for the fake microphone: the clip, then a pause, so that each pass of
     Chromium's loop ends one utterance."""
@@ -225,8 +232,18 @@ async def chromium_page(tmp_path: Path, port: int, capture: Path) -> AsyncIterat
     with trio.fail_after(60):
         driver, service = await trio.to_thread.run_sync(_start_chromium, tmp_path, capture)
     pgid = service.process.pid
+    page = Page(driver, f"http://127.0.0.1:{port}/")
     try:
-        yield Page(driver, f"http://127.0.0.1:{port}/")
+        yield page
+    except BaseException:
+        # What the page showed when the test failed or timed out (pytest prints it).
+        with trio.move_on_after(5) as diagnose:
+            diagnose.shield = True
+            try:
+                print("page at failure:", json.dumps(await page.js(DIAGNOSE), indent=1))
+            except Exception as exc:
+                print("page at failure: unavailable:", exc)
+        raise
     finally:
         with trio.move_on_after(30) as cleanup:
             cleanup.shield = True
