@@ -9,6 +9,11 @@ newer one is wanted). Worker tasks, as many as the device's ``CapacityLimiter`` 
 always take a final before any partial and run it through ``trio.to_thread.run_sync`` on that
 limiter; CTranslate2 releases the GIL, so the threads really run in parallel.
 
+With more than one worker, partials may occupy all but one of them: a final that arrives never
+waits behind partials already running, and partials (previews, cheap on right-sized windows)
+still keep the other workers busy. Partials are served round-robin across sessions: a session
+that asks again goes to the back of the line, so a talkative client cannot starve the rest.
+
 A caller that is cancelled while its request is still queued takes it out of the queue; one
 cancelled while its request runs simply stops waiting (a thread cannot be interrupted).
 """
@@ -105,6 +110,8 @@ class Engine:
         self._partials: dict[Hashable, _Job] = {}
         self._wakeup = trio.lowlevel.ParkingLot()
         self._busy = 0
+        self._running_partials = 0
+        self._partial_slots = max(1, workers - 1)
         self._finals_done = 0
         self._partials_done = 0
         self._superseded = 0
@@ -154,8 +161,8 @@ class Engine:
     def _next_job(self) -> _Job | None:
         if self._finals:
             return self._finals.popleft()
-        if self._partials:
-            owner = next(iter(self._partials))
+        if self._partials and self._running_partials < self._partial_slots:
+            owner = next(iter(self._partials))  # the session that has waited longest
             return self._partials.pop(owner)
         return None
 
@@ -171,6 +178,8 @@ class Engine:
     async def _run_job(self, job: _Job) -> None:
         started = self._clock()
         self._busy += 1
+        if not job.options.final:
+            self._running_partials += 1
         try:
             text = await trio.to_thread.run_sync(
                 self.model.transcribe, job.audio, job.options, limiter=self.limiter
@@ -183,6 +192,9 @@ class Engine:
             return
         finally:
             self._busy -= 1
+            if not job.options.final:
+                self._running_partials -= 1
+                self._wakeup.unpark()  # a worker that found only partials may take one now
         if job.options.final:
             self._finals_done += 1
         else:

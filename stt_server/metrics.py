@@ -55,6 +55,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.partial_gap = Histogram(
+            "stt_partial_gap_seconds",
+            "Between two partials of one utterance, as the client sees them (the cadence)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.final_latency = Histogram(
             "stt_final_latency_seconds",
             "From the endpoint of an utterance to its completed message being queued",

@@ -175,6 +175,8 @@ class Session:
         self._partial_in_flight: tuple[int, trio.CancelScope] | None = None
         self._partial_shown_for = 0  # highest utterance id the client saw a partial of
         self._speculation: _Speculation | None = None
+        self._last_partial_at: tuple[int, float] | None = None  # (utterance id, time shown)
+        self._partial_gap: float | None = None  # moving average
         self._recent = RecentSpeech(config.context_seconds)
         self._consecutive_errors = 0
         self._errors_total = 0
@@ -284,6 +286,7 @@ class Session:
             last_partial_latency=self._last_partial_latency,
             last_final_latency=self._last_final_latency,
             token_label=self.token_label,
+            partial_gap=self._partial_gap,
         )
 
     # -- ending ----------------------------------------------------------------------------
@@ -638,9 +641,20 @@ class Session:
             self._last_partial_latency = trio.current_time() - asked_at
             self._metrics.partial_latency.observe(self._last_partial_latency)
             self._partial_shown_for = due.utterance_id
+            self._observe_cadence(due.utterance_id)
             self._outbox.put_partial(
                 realtime_message(transcript.text, due.utterance_id), due.utterance_id
             )
+
+    def _observe_cadence(self, utterance_id: int) -> None:
+        now = trio.current_time()
+        if self._last_partial_at is not None and self._last_partial_at[0] == utterance_id:
+            gap = now - self._last_partial_at[1]
+            self._metrics.partial_gap.observe(gap)
+            self._partial_gap = (
+                gap if self._partial_gap is None else 0.8 * self._partial_gap + 0.2 * gap
+            )
+        self._last_partial_at = (utterance_id, now)
 
     # -- emitter and liveness ----------------------------------------------------------------
     async def _emitter(self) -> None:

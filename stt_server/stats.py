@@ -25,6 +25,9 @@ class SessionStatistics:
     last_partial_latency: float | None
     last_final_latency: float | None
     token_label: str | None = None
+    #: Average seconds between two partials of one utterance (the cadence the client sees),
+    #: which widens when the device is busy; None until there are two.
+    partial_gap: float | None = None
 
 
 @attrs.frozen

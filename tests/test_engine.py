@@ -193,3 +193,34 @@ async def test_a_final_past_inference_timeout_fails_that_utterance_and_the_sessi
     assert recovered["type"] == "completed"
     assert (recovered["utterance_id"], recovered["text"]) == (2, "back to normal")
     assert code == 1000 and not [m for m in rest if m["type"] == "error"]
+
+
+async def test_one_worker_stays_free_for_finals_and_partials_take_turns() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=2)
+    done: list[str] = []
+
+    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
+        await engine.transcribe(tagged(n), options, owner=owner)
+        done.append(key)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        for key, n, owner in (("a1", 1, "a"), ("b1", 2, "b"), ("c1", 3, "c")):
+            nursery.start_soon(ask, key, n, PARTIAL, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        # Two workers, three partials queued: only one partial runs, one worker waits.
+        stats = engine.statistics()
+        assert (stats.busy, stats.queued_partials) == (1, 2)
+        nursery.start_soon(ask, "final", 9, FINAL, "d")
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics().busy == 2  # the final did not wait for a partial
+        # "a" asks again while its first partial runs: it goes behind b and c.
+        nursery.start_soon(ask, "a2", 4, PARTIAL, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(done) == 5)
+        nursery.cancel_scope.cancel()
+    partials = [c for c in model.calls if c.startswith("partial")]
+    assert partials == ["partial:1", "partial:2", "partial:3", "partial:4"]
