@@ -685,6 +685,19 @@ class Server:
         )
 
 
+async def warm_up(pool: DevicePool) -> None:
+    """Run each device's model once before the port opens: CTranslate2 builds its kernels on
+    the first call, which would otherwise land on the first user's first utterance while
+    ``/health`` already says ok. Models without ``warm_up`` (test doubles) are skipped."""
+    for device in pool.devices:
+        warm = getattr(device.engine.model, "warm_up", None)
+        if warm is None:
+            continue
+        started = time.monotonic()
+        await trio.to_thread.run_sync(warm, limiter=device.engine.limiter)
+        log.info("model warmed up on %s in %.2f s", device.label, time.monotonic() - started)
+
+
 async def serve(
     config: Config,
     *,
@@ -714,6 +727,7 @@ async def serve(
     shutdown = trio.Event() if shutdown is None else shutdown
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
+        await warm_up(pool)
         server = Server(
             config,
             pool,

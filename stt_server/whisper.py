@@ -73,6 +73,7 @@ class WhisperModel:
     _model: object
     short_partials: bool = False
     _tokenizers: dict = attrs.field(factory=dict)
+    _warm: bool = False
 
     @classmethod
     def load(cls, config: Config, *, device: str, device_index: int = 0) -> WhisperModel:
@@ -101,6 +102,16 @@ class WhisperModel:
             model=model,
             short_partials=config.short_partials,
         )
+
+    def warm_up(self) -> None:
+        """One final and one partial on a second of faint noise (once per loaded model)."""
+        if self._warm:
+            return
+        noise = np.random.default_rng(0).normal(0, 1e-3, SAMPLE_RATE).astype(np.float32)
+        language = None if self.is_multilingual else "en"
+        self.transcribe(noise, TranscribeOptions(final=True, language=language))
+        self.transcribe(noise, TranscribeOptions(final=False, language=language))
+        self._warm = True
 
     @property
     def is_multilingual(self) -> bool:

@@ -224,3 +224,31 @@ async def test_one_worker_stays_free_for_finals_and_partials_take_turns() -> Non
         nursery.cancel_scope.cancel()
     partials = [c for c in model.calls if c.startswith("partial")]
     assert partials == ["partial:1", "partial:2", "partial:3", "partial:4"]
+
+
+@attrs.define
+class WarmingModel:
+    name: str = "warming"
+    events: list[str] = attrs.Factory(list)
+
+    def warm_up(self) -> None:
+        self.events.append("warm")
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        return ""
+
+
+async def test_the_model_is_warmed_up_before_the_port_opens(nursery) -> None:
+    model = WarmingModel()
+    config = Config(host="127.0.0.1", port=0, control_socket="")
+    server = await nursery.start(functools.partial(serve, config, model=model))
+    assert model.events == ["warm"]  # before serve() reported itself started (listening)
+    assert server.health()[0]
+
+
+def test_the_real_model_warms_up_once(speech_model, monkeypatch) -> None:
+    speech_model.warm_up()
+    calls = []
+    monkeypatch.setattr(type(speech_model), "transcribe", lambda self, *a: calls.append(a))
+    speech_model.warm_up()
+    assert calls == []  # already warm: nothing run again
