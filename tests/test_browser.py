@@ -14,6 +14,7 @@ their own, which is killed and checked empty after each test.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import json
@@ -389,8 +390,19 @@ async def test_token_busy_and_going_away_paths(nursery, speech_model, tmp_path) 
 # --- a file ---------------------------------------------------------------------------------
 
 
+#: Drops a file (bytes in base64) on the page as a user's drag and drop would.
+DROP_FILE = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], "ldc93s1.wav", { type: "audio/wav" }));
+document.body.dispatchEvent(new DragEvent("dragover", { dataTransfer: data, bubbles: true }));
+document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
+"""
+
+
 async def test_a_dropped_or_picked_file_is_transcribed_live(running_server, tmp_path) -> None:
-    """jfk.wav re-encoded as 44.1 kHz stereo FLAC (the browser decodes and resamples it)."""
+    """jfk.wav re-encoded as 44.1 kHz stereo FLAC (the browser decodes and resamples it) is
+    picked, then ldc93s1.wav is dropped on the page."""
     if shutil.which("sox") is None:
         pytest.fail("sox is required (Debian package); scripts/test.sh installs it")
     flac = tmp_path / "jfk.flac"
@@ -409,6 +421,19 @@ async def test_a_dropped_or_picked_file_is_transcribed_live(running_server, tmp_
             for kind in ("txt", "srt", "vtt"):
                 await page.js(f"document.querySelector('[data-download={kind}]').click()")
             txt, srt, vtt = await page.downloads()
+
+            # A second file, dropped on the page: appended, on the transcript's clock.
+            await page.js("document.getElementById('speed').value = '4'")
+            await page.js(
+                DROP_FILE, base64.b64encode((CLIPS_DIR / "ldc93s1.wav").read_bytes()).decode()
+            )
+            await page.until("return document.getElementById('state').textContent === 'Done'")
+            dropped = await page.js(
+                "const li = [...document.querySelectorAll('#finals li')].at(-1);"
+                "return [li.querySelector('time').textContent, li.lastChild.textContent]"
+            )
+    # jfk's 11 s came first, and the clip's speech starts at once.
+    assert dropped[0] == "0:11" and "greasy wash water" in dropped[1], dropped
     text = " ".join(words(" ".join(lines)))
     assert "ask not what your country can do for you" in text, lines
     # Live: the first final was on screen while the file was still streaming.

@@ -37,8 +37,8 @@ const ui = {
 };
 
 const transcript = new Transcript();
-let sentSeconds = 0; // audio sent since the page loaded: the clock finals are placed on
-let clearedAt = 0; // sentSeconds when the transcript was last cleared
+let sentSamples = 0; // audio sent since the page loaded: the clock finals are placed on
+let clearedAt = 0; // seconds of it when the transcript was last cleared
 let current = null; // the Run in progress, if any
 
 // --- one input streamed to the server, across reconnects ---------------------------------
@@ -49,7 +49,7 @@ class Run {
     this.source = null; // { stop() }
     this.session = null;
     this.open = false; // the current session's "session" message has arrived
-    this.offset = 0; // sentSeconds when the current session began
+    this.offset = 0; // seconds sent before the current session began
     this.pending = [];
     this.attempt = 0; // reconnects in a row
     this.retryTimer = null;
@@ -85,7 +85,7 @@ function connect(run) {
     if (run.session !== session) return;
     run.open = true;
     run.attempt = 0;
-    run.offset = sentSeconds;
+    run.offset = sentSamples / SAMPLE_RATE;
     hideNotice();
     setState("live", run.label);
     ui.info.textContent = `session ${detail.session_id} · ${detail.model} · ` +
@@ -115,7 +115,7 @@ function send(run, pcm) {
 
 function sendNow(run, pcm) {
   run.session.sendPcm(pcm);
-  sentSeconds += pcm.length / SAMPLE_RATE;
+  sentSamples += pcm.length; // counted in samples: summing 0.1 s steps drifts below 11.0
 }
 
 function closed(run, session, { code, advice }) {
@@ -327,7 +327,7 @@ function download(kind) {
 function clearTranscript() {
   transcript.clear();
   ui.finals.replaceChildren();
-  clearedAt = sentSeconds;
+  clearedAt = sentSamples / SAMPLE_RATE;
   render();
 }
 
