@@ -165,6 +165,8 @@ def summary_table(report: dict[str, Any]) -> Table:
     row("utterances finalized", report["utterances_finalized"])
     row("utterances lost", report["utterances_lost"])
     row("complete clips without text", report["clips_unfinalized"])
+    if report["clips_dropped_at_close"]:
+        row("clips spoken while a server was leaving", report["clips_dropped_at_close"])
     for q in (50, 95, 99):
         row(f"final latency p{q}", _seconds(report[f"final_latency_p{q}_s"]))
     row(

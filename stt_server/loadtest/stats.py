@@ -17,6 +17,11 @@ Theory of the figures:
 - *final latency* runs from the moment the client had sent the audio up to a final's ``end``
   (end of speech plus the server's padding) to the ``completed``'s arrival, so it includes the
   endpointing wait;
+- a complete clip that got no text is *unfinalized*, a failure; except when the server sent the
+  session away (``going_away``) and the clip began after the last ``completed``: a draining
+  server stops reading at the end of its current utterance and says ``going_away`` only after
+  that utterance's final, so speech in between is never heard. Such clips are counted apart,
+  as *dropped at close*, and not scored;
 - an utterance is *lost* when a partial of it was shown but no ``completed`` came before the
   session ended: the one failure the server promises never to commit.
 """
@@ -33,6 +38,9 @@ import attrs
 from .events import INFORMATIONAL_CODES, Final, Partial
 from .scrape import ServerSample, memory_report, server_report
 from .wer import normalize, word_error_rate
+
+#: Clips without text listed per user in the report (the count is always complete).
+MAX_LISTED = 20
 
 #: Seconds of recent finals that the live display's "now" percentiles cover.
 RECENT_WINDOW = 60.0
@@ -66,6 +74,8 @@ class SessionTally:
     finals: list[Final] = attrs.Factory(list)
     partial_ids: set[int] = attrs.Factory(set)
     final_ids: set[int] = attrs.Factory(set)
+    #: The server ended the session itself with ``going_away`` (drain, shutdown).
+    sent_away: bool = False
     _open_partial: tuple[int, float] | None = None  # utterance id and time of the last partial
 
     def start_clip(self, name: str, reference: str | None, position: float) -> None:
@@ -92,6 +102,10 @@ class SessionTally:
         """The session ended while a clip was being spoken: that clip is not complete."""
         if self.clips and self.clips[-1].end is None:
             self.end_clip(position, complete=False)
+
+    def heard_until(self) -> float:
+        """The end of the last ``completed`` (session audio seconds; 0 when none came)."""
+        return max((f.end for f in self.finals), default=0.0)
 
     def lost_utterances(self) -> int:
         return len(self.partial_ids - self.final_ids)
@@ -137,6 +151,10 @@ class UserRecord:
     clips_started: int = 0
     clips_complete: int = 0
     clips_unfinalized: int = 0
+    #: Complete clips sent after a leaving server had stopped listening (see finish_session).
+    clips_dropped_at_close: int = 0
+    #: The first few clips that got no text: (clip, audio start, audio end), to look into.
+    unfinalized: list[tuple[str, float, float]] = attrs.Factory(list)
     finals: int = 0
     partials: int = 0
     lost_utterances: int = 0
@@ -171,6 +189,8 @@ class RunStats:
     #: (seconds since start, users connected, users connecting) once a second.
     activity: list[tuple[float, int, int]] = attrs.Factory(list)
     samples: list[ServerSample] = attrs.Factory(list)
+    #: Per clip name: [complete clips, word errors, reference words].
+    per_clip: dict[str, list[float]] = attrs.Factory(dict)
     scrape_errors: collections.Counter[str] = attrs.Factory(collections.Counter)
 
     @property
@@ -186,17 +206,32 @@ class RunStats:
         """Score a session's clips once it is over."""
         tally.assign_finals()
         user.lost_utterances += tally.lost_utterances()
+        heard_until = tally.heard_until()
         for clip in tally.clips:
             if not clip.complete:
                 continue
-            user.clips_complete += 1
             text = " ".join(clip.texts)
+            if not text and tally.sent_away and clip.start >= heard_until - 0.05:
+                # Spoken after the server's last utterance while it was leaving: it stopped
+                # reading at that utterance's end, and going_away arrived only after its final.
+                user.clips_dropped_at_close += 1
+                continue
+            user.clips_complete += 1
+            tally_clip = self.per_clip.setdefault(clip.name, [0, 0.0, 0])
+            tally_clip[0] += 1
             if not text:
                 user.clips_unfinalized += 1
+                if len(user.unfinalized) < MAX_LISTED:
+                    user.unfinalized.append(
+                        (clip.name, round(clip.start, 2), round(clip.end or 0, 2))
+                    )
             if clip.reference:
                 words = len(normalize(clip.reference).split())
-                user.wer_errors += word_error_rate(clip.reference, text) * words
+                errors = word_error_rate(clip.reference, text) * words
+                user.wer_errors += errors
                 user.wer_words += words
+                tally_clip[1] += errors
+                tally_clip[2] += words
 
     def recent_latencies(self, now: float, window: float = RECENT_WINDOW) -> list[float]:
         """Latencies of the finals that arrived in the last ``window`` seconds."""
@@ -248,6 +283,7 @@ def summarize(stats: RunStats, settings: dict[str, Any], elapsed: float) -> dict
         "clips_started": sum(u.clips_started for u in users),
         "clips_complete": sum(u.clips_complete for u in users),
         "clips_unfinalized": sum(u.clips_unfinalized for u in users),
+        "clips_dropped_at_close": sum(u.clips_dropped_at_close for u in users),
         "utterances_finalized": sum(u.finals for u in users),
         "utterances_lost": sum(u.lost_utterances for u in users),
         "partials": sum(u.partials for u in users),
@@ -261,6 +297,14 @@ def summarize(stats: RunStats, settings: dict[str, Any], elapsed: float) -> dict
         "realtime_lag_max_s": _rounded(max(stats.clip_lags) if stats.clip_lags else None),
         "wer": round(sum(u.wer_errors for u in users) / wer_words, 4) if wer_words else None,
         "wer_words": wer_words,
+        "per_clip": {
+            name: {
+                "complete": int(n),
+                "wer": round(errors / words, 4) if words else None,
+                "words": int(words),
+            }
+            for name, (n, errors, words) in sorted(stats.per_clip.items())
+        },
         "latency_over_time": _latency_over_time(stats),
         "server": server_report(stats.samples),
         "memory": memory_report(stats.samples, settings.get("warmup_s", 0.0)),
@@ -312,6 +356,8 @@ def _user_report(user: UserRecord) -> dict[str, Any]:
         "clips_started": user.clips_started,
         "clips_complete": user.clips_complete,
         "clips_unfinalized": user.clips_unfinalized,
+        "clips_dropped_at_close": user.clips_dropped_at_close,
+        "unfinalized_clips": [list(c) for c in user.unfinalized],
         "utterances_finalized": user.finals,
         "utterances_lost": user.lost_utterances,
         "partials": user.partials,

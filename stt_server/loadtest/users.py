@@ -303,6 +303,8 @@ class LoadTest:
                         self.stats.partial_gaps.append(gap)
                 elif isinstance(event, ServerError):
                     user.errors[event.code] += 1
+                    if event.code == "going_away":
+                        tally.sent_away = True
                     if event.code not in INFORMATIONAL_CODES:
                         user.session_errors += 1
                     if event.retry_after is not None:
