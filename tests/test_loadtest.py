@@ -3,8 +3,10 @@ server, checked against what the server's own /metrics counted."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +297,42 @@ async def test_fail_if_fails_when_it_should(running_server, references, tmp_path
     # A condition on a figure that does not exist is a usage error, before any load.
     typo = await run_loadtest(*common, "--runtime", "4", "--fail-if", "p59_final_latency>1")
     assert typo.returncode == 2 and "unknown figure" in typo.stderr.decode()
+
+
+# -- the Locust file -----------------------------------------------------------------------
+def locust_command() -> str | None:
+    beside = Path(sys.executable).with_name("locust")
+    return str(beside) if beside.exists() else shutil.which("locust")
+
+
+async def test_locustfile_speaks_the_protocol(running_server, tmp_path) -> None:
+    """deploy/locust/locustfile.py under Locust itself: sessions open, finals come back and are
+    reported as the 'final latency' metric, no failures."""
+    locust = locust_command()
+    if locust is None:
+        pytest.skip("locust is not installed (pip install locust)")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ("jfk.wav", "ldc93s1.wav"):
+        (audio / name).symlink_to(CLIPS_DIR / name)
+    with trio.fail_after(DEADLINE):
+        done = await trio.run_process(
+            [
+                *(locust, "-f", str(ROOT / "deploy" / "locust" / "locustfile.py")),
+                *("--headless", "--users", "2", "--spawn-rate", "2", "--run-time", "8s"),
+                *("--host", running_server.url, "--stt-speed", "2", "--stt-audio", str(audio)),
+                *("--csv", str(tmp_path / "run"), "--only-summary"),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=tmp_path,
+        )
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    with (tmp_path / "run_stats.csv").open() as fh:
+        rows = {row["Name"]: row for row in csv.DictReader(fh)}
+    assert int(rows["session"]["Request Count"]) == 2, output[-3000:]
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, output[-3000:]
+    finals = rows["final latency"]
+    assert int(finals["Request Count"]) >= 2, output[-3000:]
+    assert 0 < float(finals["Median Response Time"]) < 10_000
