@@ -116,17 +116,20 @@ def test_memory_from_metrics_text() -> None:
 
     values = sample(0, 1, 1).values
     assert values['stt_sessions_refused_total{reason="draining"}'] == 3.0
-    report = memory_report([sample(0, 300, 1000), sample(30, 400, 1200), sample(90, 420, 1200)], 20)
+    # Medians over a minute after the warm-up (20 s) and over the last minute.
+    readings = [(0, 300), (30, 400), (40, 380), (50, 420), (100, 410), (130, 430), (140, 400)]
+    report = memory_report([sample(t, rss, 1000 + t) for t, rss in readings], 20)
     figures = report["instances"]["http://a/metrics"]
     assert figures["resident"] == {
         "start_mb": 300.0,
         "after_warmup_mb": 400.0,
-        "end_mb": 420.0,
-        "max_mb": 420.0,
-        "growth_after_warmup_pct": 5.0,
+        "end_mb": 410.0,
+        "max_mb": 430.0,
+        "growth_after_warmup_pct": 2.5,
+        "window_s": 60.0,
     }
-    assert figures["gpu_used"]["end_mb"] == 1200.0
-    assert report["max_growth_after_warmup_pct"] == 5.0
+    assert figures["gpu_used"]["end_mb"] == 1130.0
+    assert report["max_growth_after_warmup_pct"] == figures["gpu_used"]["growth_after_warmup_pct"]
     # A server that does not export it gets nulls and a note, not a guess.
     bare = ServerSample(0, "http://b/metrics", parse_metrics("stt_sessions_active 1\n"))
     assert memory_report([bare], 0)["instances"]["http://b/metrics"]["resident"] is None

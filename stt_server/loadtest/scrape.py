@@ -137,23 +137,40 @@ def _memory_series(series: list[ServerSample], name: str) -> list[tuple[float, f
     return out
 
 
+#: Memory readings swing with the allocator and with what is being decoded: "after warm-up"
+#: and "end" are medians over this many seconds, not single readings.
+MEMORY_WINDOW = 60.0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _figures(points: list[tuple[float, float]], warmup: float) -> dict[str, Any]:
     if not points:
         return {}
-    after = next((v for t, v in points if t >= warmup), points[-1][1])
-    end = points[-1][1]
+    last = points[-1][0]
+    after = [v for t, v in points if warmup <= t < warmup + MEMORY_WINDOW] or [points[-1][1]]
+    end = [v for t, v in points if t >= last - MEMORY_WINDOW]
+    after_mb, end_mb = _median(after), _median(end)
     return {
         "start_mb": round(points[0][1], 1),
-        "after_warmup_mb": round(after, 1),
-        "end_mb": round(end, 1),
+        "after_warmup_mb": round(after_mb, 1),
+        "end_mb": round(end_mb, 1),
         "max_mb": round(max(v for _, v in points), 1),
-        "growth_after_warmup_pct": round((end - after) / after * 100, 2) if after else None,
+        "growth_after_warmup_pct": (
+            round((end_mb - after_mb) / after_mb * 100, 2) if after_mb else None
+        ),
+        "window_s": MEMORY_WINDOW,
     }
 
 
 def memory_report(samples: list[ServerSample], warmup: float) -> dict[str, Any]:
-    """Resident (and GPU) memory per instance: at the start, after ``warmup`` seconds, at the
-    end, the most, and the growth from after warm-up to the end."""
+    """Resident (and GPU) memory per instance: the first reading, the median of the first
+    :data:`MEMORY_WINDOW` seconds after ``warmup`` and of the last ones, the most, and the growth
+    from the one median to the other."""
     instances: dict[str, Any] = {}
     growth: list[float] = []
     for url, series in _by_url(samples).items():
