@@ -25,6 +25,9 @@ from .test_fuzz import rss_mb
 
 #: Cases per kind; the three kinds run interleaved. Bounded in count and, below, in time.
 CASES = 40
+
+#: Seconds one case may take, its replies included (real ones take well under one).
+CASE_DEADLINE = 5.0
 SEED = 20261125
 
 
@@ -76,8 +79,11 @@ async def test_fuzzing_the_live_socket_changes_nothing_for_a_good_client(
                 ("json", functools.partial(one_json_case, url)),
             ):
                 case_seed = rng.randrange(1 << 32)
-                await run(random.Random(case_seed))
                 cases.append(f"{kind}#{i} seed={case_seed}")
+                # The client shares the server's event loop: a case that stalls the loop shows
+                # up here as a case that took too long.
+                with trio.fail_after(CASE_DEADLINE):
+                    await run(random.Random(case_seed))
                 status = await hostile.health_status(server.port)
                 assert status == 200, f"/health answered {status} after {cases[-1]}"
 
