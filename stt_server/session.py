@@ -76,6 +76,9 @@ _FINALS_QUEUE = 4
 #: How long the WebSocket closing handshake may take before the TCP stream is just closed.
 CLOSE_TIMEOUT = 5.0
 
+#: How long an aborted session's close frame may take to go out before the socket is closed.
+ABORT_CLOSE_WAIT = 1.0
+
 #: What a client is told when something failed inside the server; the details go to the log.
 INTERNAL_ERROR_MESSAGE = "internal server error; the details are in the server's log"
 
@@ -197,6 +200,8 @@ class Session:
         self._finalizer_done = trio.Event()
         self._emitter_done = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._heartbeat_scope = trio.CancelScope()
+        self._abort_close: CloseCode | None = None
         self.end_reason = "running"
 
     # -- public ----------------------------------------------------------------------------
@@ -216,6 +221,12 @@ class Session:
                 if self._config.max_session_length:
                     nursery.start_soon(self._length_limit)
                 nursery.start_soon(self._intake_then_close)
+            if self._abort_close is not None:
+                # The peer may still be there (it stopped reading, or its pongs are lost): it
+                # learns that this was no normal end, if it is listening at all.
+                with trio.move_on_after(ABORT_CLOSE_WAIT) as scope:
+                    scope.shield = True
+                    await self._ws.aclose(int(self._abort_close), self.end_reason)
         finally:
             duration = trio.current_time() - self._started
             log.info(
@@ -290,8 +301,11 @@ class Session:
         )
 
     # -- ending ----------------------------------------------------------------------------
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, close: CloseCode | None = CloseCode.POLICY_VIOLATION) -> None:
+        """End at once: nobody is left to receive, or the client broke a liveness rule
+        (``close`` then tells it so, if it still listens)."""
         self.end_reason = reason
+        self._abort_close = close
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
@@ -316,11 +330,17 @@ class Session:
                     CloseCode.INTERNAL_ERROR, ErrorCode.INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE
                 )
             if request is None:
-                self._abort("peer closed")
+                self._abort("peer closed", close=None)
                 return
         request = request or self._close_request
         assert request is not None
         self.end_reason = request.error_code.value if request.error_code else "end"
+        # From here the close is bounded by finish_timeout, not by liveness: stop pinging (a
+        # slow final must not turn into a ping timeout that drops it), and keep taking what
+        # the client still sends, so the WebSocket's reader goes on seeing pongs and the close.
+        self._heartbeat_scope.cancel()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._discard_incoming)
         with trio.move_on_after(finish_timeout(self._config)):
             try:
                 await self._finish(request)
@@ -332,9 +352,25 @@ class Session:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
+    async def _discard_incoming(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self._ws.get_message()
+
     async def _finish(self, request: CloseRequest) -> None:
         undelivered, self._undelivered = self._undelivered, []
-        await self._dispatch_all([*undelivered, *self._flush()])
+        try:
+            tail = self._flush()
+        except Exception:
+            # What failed in intake may fail again on the last samples (a broken resampler or
+            # VAD): the open utterance then ends without them, but it still gets its final.
+            log.exception(
+                "session %s: internal error flushing the last audio",
+                self.session_id,
+                extra=self._fields("error", error_code=ErrorCode.INTERNAL_ERROR.value),
+            )
+            tail = self._flush(decode=False)
+        await self._dispatch_all([*undelivered, *tail])
         self._finals_send.close()
         await self._finalizer_done.wait()
         if request.error_code is not None:
@@ -424,15 +460,17 @@ class Session:
             events.extend(self._segmenter.push(window, float(prob)))
         await self._dispatch_all(events)
 
-    def _flush(self) -> list[UtteranceEnded]:
-        """Push every sample still inside the resampler and VAD into the open utterance."""
-        tail = self._resampler.drain()
-        events = []
-        if tail.size:
-            windows, probs = self._vad.process(tail)
-            for window, prob in zip(windows, probs, strict=True):
-                events.extend(self._segmenter.push(window, float(prob)))
-        self._segmenter.append_tail(self._vad.take_pending())
+    def _flush(self, *, decode: bool = True) -> list[UtteranceEnded]:
+        """Push every sample still inside the resampler and VAD into the open utterance, and
+        close it (``decode=False``: close it with what the segmenter already has)."""
+        events: list[SegmenterEvent] = []
+        if decode:
+            tail = self._resampler.drain()
+            if tail.size:
+                windows, probs = self._vad.process(tail)
+                for window, prob in zip(windows, probs, strict=True):
+                    events.extend(self._segmenter.push(window, float(prob)))
+            self._segmenter.append_tail(self._vad.take_pending())
         events.extend(self._segmenter.flush())
         return [e for e in events if isinstance(e, UtteranceEnded)]
 
@@ -663,7 +701,7 @@ class Session:
                 try:
                     await self._ws.send_message(message)
                 except ConnectionClosed:
-                    self._abort("peer closed")
+                    self._abort("peer closed", close=None)
                     return
             if scope.cancelled_caught:
                 log.warning(
@@ -686,13 +724,17 @@ class Session:
         )
 
     async def _heartbeat(self) -> None:
+        with self._heartbeat_scope:
+            await self._ping_until_silent()
+
+    async def _ping_until_silent(self) -> None:
         while True:
             await trio.sleep(self._config.ping_interval)
             with trio.move_on_after(self._config.ping_timeout) as scope:
                 try:
                     await self._ws.ping()
                 except ConnectionClosed:
-                    self._abort("peer closed")
+                    self._abort("peer closed", close=None)
                     return
             if scope.cancelled_caught:
                 log.info(

@@ -102,7 +102,9 @@ class MeteredConnection(WebSocketConnection):
             await super()._handle_ping_event(event)
 
     async def _handle_pong_event(self, event: wsproto.events.Pong) -> None:
-        if await self._charge_frame():
+        # After a violation the session is closing, gracefully: pongs still count as signs of
+        # life (uncharged), so a slow close is not taken for a dead peer.
+        if self._violated or await self._charge_frame():
             await super()._handle_pong_event(event)
 
 

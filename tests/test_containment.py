@@ -38,6 +38,9 @@ SECRET = "/srv/secret/path token=abc123"
 #: Marker samples that make the decode, resampling and VAD stages fail for this audio only.
 MARK_DECODE, MARK_RESAMPLE, MARK_VAD = 11111, 22222, -23456
 
+#: Makes that session's resampler fail from then on, its final drain included.
+MARK_STUCK = 13579
+
 
 class InjectedFault(RuntimeError):
     pass
@@ -90,11 +93,24 @@ def inject(monkeypatch) -> None:
         def patched(self, samples):
             if has_mark(samples, MARK_RESAMPLE):
                 raise fault()
+            if has_mark(samples, MARK_STUCK):
+                self.stuck = True
+            if getattr(self, "stuck", False):
+                raise fault()
             return f(self, samples)
 
         return patched
 
+    def drain(f):
+        def patched(self):
+            if getattr(self, "stuck", False):
+                raise fault()
+            return f(self)
+
+        return patched
+
     wrap(Resampler, "process", resample)
+    wrap(Resampler, "drain", drain)
 
     def vad(f):
         def patched(self, samples):
@@ -230,6 +246,7 @@ async def test_a_fault_at_any_stage_ends_only_its_own_connection(
                 ("decode", MARK_DECODE),
                 ("resample", MARK_RESAMPLE),
                 ("vad", MARK_VAD),
+                ("stuck", MARK_STUCK),
             ):
                 clients.start_soon(audio_stage, name, mark)
             clients.start_soon(control_stage)
@@ -246,7 +263,7 @@ async def test_a_fault_at_any_stage_ends_only_its_own_connection(
 
     # In a session: the speech sent before the fault still gets its final, then internal_error
     # and 1011.
-    for name in ("decode", "resample", "vad"):
+    for name in ("decode", "resample", "vad", "stuck"):
         messages, code = outcomes[name]
         assert code == 1011, (name, messages)
         finals = " ".join(m["text"] for m in messages if m["type"] == "completed").lower()
@@ -273,16 +290,17 @@ async def test_a_fault_at_any_stage_ends_only_its_own_connection(
     formatter = logging.Formatter()
     logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is not None]
     assert all("InjectedFault" in formatter.formatException(r.exc_info) for r in logged)
-    assert len(logged) == 9  # 3 intake, 4 firewall, 1 engine call, 1 control socket
+    # 4 intake, 1 flush of the stuck session, 4 firewall, 1 engine call, 1 control socket
+    assert len(logged) == 11, [r.getMessage() for r in logged]
     intake = [r for r in logged if "internal error in intake" in r.getMessage()]
-    assert len(intake) == 3 and all(r.session_id in r.getMessage() for r in intake)
+    assert len(intake) == 4 and all(r.session_id in r.getMessage() for r in intake)
     firewall = [r for r in logged if "internal error serving" in r.getMessage()]
     assert len(firewall) == 4, [
         r.getMessage() for r in firewall
     ]  # http, handshake, emitter, reader
     assert sum("session " in r.getMessage() for r in firewall) == 2  # emitter and reader
     metrics = await hostile.exchange(srv.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert b'stt_errors_total{code="internal_error"} 7.0' in metrics
+    assert b'stt_errors_total{code="internal_error"} 8.0' in metrics
     assert not srv.sessions
 
 

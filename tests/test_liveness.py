@@ -14,16 +14,19 @@ from __future__ import annotations
 import functools
 import json
 import socket
+import time
 
 import attrs
 import numpy as np
 import pytest
 import trio
 import wsproto.events as ws_events
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 
+from stt_server.config import Config
 from stt_server.engine import TranscribeOptions
+from stt_server.server import serve
 
 from .conftest import receive_until_closed, wait_until
 
@@ -156,11 +159,15 @@ class GoodClient:
 
 
 async def flood(client: RawClient, speech: bytes, rounds: int) -> None:
-    """Speech and a flush, ``rounds`` times, never reading what comes back."""
-    for _ in range(rounds):
-        await client.send(ws_events.BytesMessage(data=speech))
-        await client.send(ws_events.TextMessage(data=FLUSH))
-        await trio.sleep(0.02)
+    """Speech and a flush, ``rounds`` times, never reading what comes back; stops when the
+    server hangs up (it closes a client that stopped reading)."""
+    try:
+        for _ in range(rounds):
+            await client.send(ws_events.BytesMessage(data=speech))
+            await client.send(ws_events.TextMessage(data=FLUSH))
+            await trio.sleep(0.02)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def check_unaffected(good: GoodClient) -> None:
@@ -275,3 +282,59 @@ async def test_a_client_that_never_answers_pings_is_dropped_and_one_that_does_st
     assert 1.0 <= dropped_after < 3.0, dropped_after
     assert polite.pings >= 8  # it answered every one for 3 s
     assert polite.close_code == 1000
+
+
+@attrs.define
+class SlowFinals:
+    """Finals take two seconds: longer than the ping timeout below."""
+
+    name: str = "slow-finals"
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
+        if not options.final:
+            return ""
+        time.sleep(2.0)
+        return "slow words"
+
+
+async def test_a_graceful_close_outlasts_the_ping_timeout_while_the_client_streams_on(
+    nursery, clip
+) -> None:
+    """The session is closed for its length while a slow final is owed and the client keeps
+    sending: the final must still arrive, then the reason, then 1008. Liveness stops counting
+    once the close has begun (it is bounded by finish_timeout instead)."""
+    config = Config(
+        host="127.0.0.1",
+        port=0,
+        control_socket="",
+        ping_interval=0.25,
+        ping_timeout=0.5,
+        max_session_length=2.5,
+        speculative_finals=False,
+        context_seconds=0.0,
+        max_realtime_factor=0.0,
+    )
+    server = await nursery.start(functools.partial(serve, config, model=SlowFinals()))
+    speech = clip("ldc93s1.wav")
+    messages: list[dict] = []
+    with trio.fail_after(DEADLINE):
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+            await ws.get_message()
+
+            async def keep_streaming() -> None:
+                try:
+                    for _ in range(100):  # real time, for longer than the session may last
+                        for i in range(0, speech.size, 1600):
+                            await ws.send_message(speech[i : i + 1600].tobytes())
+                            await trio.sleep(0.1)
+                except ConnectionClosed:
+                    pass
+
+            async with trio.open_nursery() as sending:
+                sending.start_soon(keep_streaming)
+                received, code = await receive_until_closed(ws)
+                sending.cancel_scope.cancel()
+            messages += received
+    kinds = [(m["type"], m.get("code")) for m in messages]
+    assert ("completed", None) in kinds, kinds
+    assert kinds[-1] == ("error", "session_too_long") and code == 1008, (kinds, code)
