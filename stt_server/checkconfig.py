@@ -86,13 +86,13 @@ def _check_references(config: Config, problems: list[str], warnings: list[str]) 
             )
     for name in ("certfile", "keyfile"):
         value = getattr(config, name)
-        if value and not os.access(value, os.R_OK):
+        if value and not _accessible(value, os.R_OK):
             problems.append(f"{name}: cannot read {value}")
     if config.keyfile and not config.certfile:
         problems.append("keyfile is set but certfile is not")
     if config.log_file:
         folder = Path(config.log_file).parent
-        if not os.access(folder, os.W_OK):
+        if not _accessible(folder, os.W_OK):
             problems.append(f"log_file: cannot write to {folder}")
     if config.control_group:
         try:
@@ -109,6 +109,13 @@ def _check_references(config: Config, problems: list[str], warnings: list[str]) 
         warnings.append(
             "max_sessions_per_ip is not below max_connections: one address can take every slot"
         )
+
+
+def _accessible(path: str | Path, mode: int) -> bool:
+    try:
+        return os.access(path, mode)
+    except ValueError:  # a NUL byte in the path
+        return False
 
 
 def render(report: Report, path: Path) -> str:

@@ -14,6 +14,11 @@ waits behind partials already running, and partials (previews, cheap on right-si
 still keep the other workers busy. Partials are served round-robin across sessions: a session
 that asks again goes to the back of the line, so a talkative client cannot starve the rest.
 
+Speculative finals (decoded while an endpoint's silence is still being waited for) rank between
+the two: after real finals, before partials, on the same workers as partials, at most one per
+session queued (a newer one replaces it) and none while that session's previous one still
+runs, so a speaker who pauses often cannot fill the device with guesses.
+
 A caller that is cancelled while its request is still queued takes it out of the queue; one
 cancelled while its request runs simply stops waiting (a thread cannot be interrupted).
 """
@@ -43,6 +48,9 @@ class TranscribeOptions:
     #: already-sent text is ``prefix``: context for the model, not part of the answer.
     context_samples: int = 0
     prefix: str | None = None
+    #: A final decoded before its endpoint is certain (decoded as a final, scheduled below
+    #: real finals, one per session at a time: see Engine).
+    speculative: bool = False
 
 
 class SpeechModel(Protocol):
@@ -108,6 +116,8 @@ class Engine:
         self._clock = clock
         self._finals: collections.deque[_Job] = collections.deque()
         self._partials: dict[Hashable, _Job] = {}
+        self._speculative: dict[Hashable, _Job] = {}
+        self._speculating: set[Hashable] = set()  # owners whose speculative job runs
         self._wakeup = trio.lowlevel.ParkingLot()
         self._busy = 0
         self._running_partials = 0
@@ -132,14 +142,14 @@ class Engine:
         """Transcribe ``audio`` (16 kHz float32). ``None`` means a newer partial replaced this
         one. Model errors propagate to the caller."""
         job = _Job(audio=audio, options=options, owner=owner, submitted=self._clock())
-        if options.final:
+        if options.speculative:
+            if owner in self._speculating:
+                return None  # its previous guess still runs: no second one at once
+            self._queue_per_owner(self._speculative, job)
+        elif options.final:
             self._finals.append(job)
         else:
-            replaced = self._partials.pop(owner, None)
-            if replaced is not None:
-                self._superseded += 1
-                replaced.finish()
-            self._partials[owner] = job
+            self._queue_per_owner(self._partials, job)
         self._wakeup.unpark()
         try:
             await job.done.wait()
@@ -150,10 +160,22 @@ class Engine:
             raise job.error
         return job.result
 
+    def _queue_per_owner(self, queue: dict[Hashable, _Job], job: _Job) -> None:
+        """One queued job per owner: a newer one replaces it (its caller gets ``None``) and
+        goes to the back of the line."""
+        replaced = queue.pop(job.owner, None)
+        if replaced is not None:
+            self._superseded += 1
+            replaced.finish()
+        queue[job.owner] = job
+
     def _withdraw(self, job: _Job) -> None:
         if job.taken:
             return
-        if job.options.final:
+        if job.options.speculative:
+            if self._speculative.get(job.owner) is job:
+                del self._speculative[job.owner]
+        elif job.options.final:
             self._finals.remove(job)
         elif self._partials.get(job.owner) is job:
             del self._partials[job.owner]
@@ -161,9 +183,12 @@ class Engine:
     def _next_job(self) -> _Job | None:
         if self._finals:
             return self._finals.popleft()
-        if self._partials and self._running_partials < self._partial_slots:
-            owner = next(iter(self._partials))  # the session that has waited longest
-            return self._partials.pop(owner)
+        if self._running_partials >= self._partial_slots:
+            return None
+        for queue in (self._speculative, self._partials):
+            if queue:
+                owner = next(iter(queue))  # the session that has waited longest
+                return queue.pop(owner)
         return None
 
     async def _worker(self) -> None:
@@ -178,8 +203,11 @@ class Engine:
     async def _run_job(self, job: _Job) -> None:
         started = self._clock()
         self._busy += 1
-        if not job.options.final:
+        preview = job.options.speculative or not job.options.final
+        if preview:
             self._running_partials += 1
+        if job.options.speculative:
+            self._speculating.add(job.owner)
         try:
             text = await trio.to_thread.run_sync(
                 self.model.transcribe, job.audio, job.options, limiter=self.limiter
@@ -192,9 +220,11 @@ class Engine:
             return
         finally:
             self._busy -= 1
-            if not job.options.final:
+            if job.options.speculative:
+                self._speculating.discard(job.owner)
+            if preview:
                 self._running_partials -= 1
-                self._wakeup.unpark()  # a worker that found only partials may take one now
+                self._wakeup.unpark()  # a worker that found only previews may take one now
         if job.options.final:
             self._finals_done += 1
         else:

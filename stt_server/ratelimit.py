@@ -3,9 +3,8 @@
 A bucket holds up to ``capacity`` tokens and refills ``rate`` per second; a request takes some
 tokens or, when there are too few, is told how long to wait. Used for new connections per client
 IP, messages per second per session, and seconds of audio per second per session (a real-time
-ratio with a burst allowance). Per-key bucket tables are bounded: full buckets carry no
-information and are dropped first, so a flood of distinct addresses cannot grow memory without
-limit.
+ratio with a burst allowance). Per-key bucket tables are bounded: the least recently used
+bucket goes first, so a flood of distinct addresses cannot grow memory without limit.
 """
 
 from __future__ import annotations
@@ -39,10 +38,6 @@ class TokenBucket:
             return 0.0
         return (amount - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
-    def is_full(self, now: float) -> bool:
-        self._refill(now)
-        return self.tokens >= self.capacity
-
 
 class KeyedLimiter:
     """One bucket per key (a client IP), at most ``max_keys`` of them."""
@@ -66,12 +61,10 @@ class KeyedLimiter:
         return bucket.take(amount, now)
 
     def _make_room(self, now: float) -> None:
-        if len(self._buckets) < self._max_keys:
-            return
-        for key in [k for k, b in self._buckets.items() if b.is_full(now)]:
-            del self._buckets[key]
+        # Least recently used first, one at a time: scanning the whole table for full buckets
+        # on every new key would cost O(keys) per connection once a flood has filled it.
         while len(self._buckets) >= self._max_keys:
-            self._buckets.popitem(last=False)  # least recently used
+            self._buckets.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -584,25 +584,26 @@ class Server:
                 self.pool.release(session_id, placed)
                 await self._refuse(ws, client, Refusal(RefusalReason.DRAINING, _DRAINING_MESSAGE))
                 return
-            session = Session(
-                ws,
-                session_id=session_id,
-                peer=client.describe(),
-                config=self.config,
-                engine=placed.engine,
-                vad_model=self._vad_model,
-                model_name=self._model_name,
-                language_check=self._language_check,
-                metrics=self.metrics,
-                token_label=client.label,
-            )
-            self.sessions[session_id] = session
             self._placement[session_id] = placed
-            self._accepted += 1
             try:
+                session = Session(
+                    ws,
+                    session_id=session_id,
+                    peer=client.describe(),
+                    config=self.config,
+                    engine=placed.engine,
+                    vad_model=self._vad_model,
+                    model_name=self._model_name,
+                    language_check=self._language_check,
+                    metrics=self.metrics,
+                    token_label=client.label,
+                )
+                self.sessions[session_id] = session
+                self._accepted += 1
                 await session.run()
             finally:
-                del self.sessions[session_id]
+                # Also when the session could not even be built: its device slot is returned.
+                self.sessions.pop(session_id, None)
                 self.pool.release(session_id, self._placement.pop(session_id))
                 self._session_ended.unpark_all()
 

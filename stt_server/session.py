@@ -539,6 +539,7 @@ class Session:
     async def _run_speculation(self, speculation: _Speculation, audio: np.ndarray) -> None:
         with speculation.scope:
             request, options = self._request(audio, final=True)
+            options = attrs.evolve(options, speculative=True)
             try:
                 with trio.fail_after(self._config.inference_timeout):
                     speculation.transcript = await self._engine.transcribe(
@@ -578,8 +579,8 @@ class Session:
 
     async def _finalize(self, ended: UtteranceEnded, ended_at: float) -> None:
         shown = self._partial_shown_for >= ended.utterance_id
-        speculated = await self._take_speculation(ended)
         if ended.speech < self._config.min_speech and not shown:
+            self._drop_speculation("too little speech")
             log.debug(
                 "session %s utterance %d skipped: %.2fs of speech",
                 self.session_id,
@@ -589,8 +590,10 @@ class Session:
             return
         audio, options = self._request(ended.audio, final=True)
         try:
+            # One deadline for the final, whether it comes from the speculation or anew.
             with trio.fail_after(self._config.inference_timeout):
-                transcript = speculated or await self._transcribe_final(audio, options)
+                transcript = await self._take_speculation(ended)
+                transcript = transcript or await self._transcribe_final(audio, options)
         except trio.TooSlowError:
             self._report_failure(ended.utterance_id, "timed out")
             return

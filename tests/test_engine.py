@@ -252,3 +252,43 @@ def test_the_real_model_warms_up_once(speech_model, monkeypatch) -> None:
     monkeypatch.setattr(type(speech_model), "transcribe", lambda self, *a: calls.append(a))
     speech_model.warm_up()
     assert calls == []  # already warm: nothing run again
+
+
+async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a_time() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=2)
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+
+    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
+        results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "a-guess-running", 1, guess, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        # While a's guess runs, a's next guess is refused at once (None), not queued.
+        nursery.start_soon(ask, "a-guess-refused", 2, guess, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert results["a-guess-refused"] is None
+        # b queues a guess, then a newer one that replaces it; c a partial; d a final.
+        for key, n, options, owner in (
+            ("b-guess-old", 3, guess, "b"),
+            ("b-guess-new", 4, guess, "b"),
+            ("c-partial", 5, PARTIAL, "c"),
+            ("d-final", 6, FINAL, "d"),
+        ):
+            nursery.start_soon(ask, key, n, options, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        assert results["b-guess-old"] is None
+        stats = engine.statistics()  # the final runs beside a's guess; b's guess, c's partial wait
+        assert (stats.busy, stats.queued_finals, stats.queued_partials) == (2, 0, 1)
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 6)
+        nursery.cancel_scope.cancel()
+    # Neither the refused nor the replaced guess ran; b's newer guess went before c's partial
+    # (the threads finish in any order, so only what the schedule fixes is checked).
+    calls = model.calls
+    assert sorted(calls) == ["final:1", "final:4", "final:6", "partial:5"], calls
+    assert calls[-1] == "partial:5" and calls.index("final:1") < calls.index("final:4")
