@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 import trio
-from rich.console import Console
 
 from .client import Endpoint
 from .conditions import ConditionError, check_names, failed, parse_conditions
 from .corpus import CorpusError, load_corpus
-from .display import LiveDisplay, summary_table
 from .stats import RunStats, summarize
 from .users import LoadSettings, LoadTest, expand_addresses
 
@@ -196,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))  # exits 2
     if args.speed < 0:
         parser.error("--speed must be >= 0")
+    try:
+        from rich.console import Console
+
+        from .display import LiveDisplay, summary_table
+
+        if args.plot:
+            import matplotlib  # noqa: F401
+    except ImportError as exc:
+        parser.error(f"{exc.name} is missing: pip install 'stt-server[loadtest]'")
 
     console = Console(stderr=True)
     test = LoadTest(settings, corpus)
