@@ -136,3 +136,18 @@ async def receive_until_closed(ws) -> tuple[list[dict], int | None]:
             messages.append(json.loads(await ws.get_message()))
     except ConnectionClosed as exc:
         return messages, exc.reason.code
+
+
+async def http_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one raw HTTP request (odd targets reach the server as written) and read the
+    response until the server closes: status, headers, body."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body

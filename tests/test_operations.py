@@ -26,23 +26,14 @@ from stt_server.logs import setup_logging
 from stt_server.server import serve
 from stt_server.systemd import Notifier
 
-from .conftest import receive_until_closed, wait_until
+from .conftest import http_request, receive_until_closed, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 60
 
 
 async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
+    return await http_request(port, f"{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
 
 
 def metric_values(text: str) -> dict[str, float]:

@@ -21,6 +21,8 @@ from trio_websocket import open_websocket_url
 from stt_server import static
 from stt_server.http import RequestHead, Response, Routes, parse_request_head, respond
 
+from .conftest import http_request
+
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 30
 
@@ -222,17 +224,7 @@ def test_the_package_ships_exactly_the_allow_listed_files() -> None:
 
 
 async def http(port: int, request: str) -> tuple[int, dict[str, str], bytes]:
-    """One raw request (so that odd targets reach the server as written)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(request.encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
+    return await http_request(port, request.encode())
 
 
 async def test_the_server_serves_the_page_and_refuses_traversal(running_server) -> None:
