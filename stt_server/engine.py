@@ -93,6 +93,8 @@ class _Job:
     result: Transcript | None = None
     error: BaseException | None = None
     taken: bool = False
+    #: A speculative final whose endpoint came while it was still queued: now a real final.
+    promoted: bool = False
 
     def finish(self, result: Transcript | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -160,6 +162,17 @@ class Engine:
             raise job.error
         return job.result
 
+    def promote_speculative(self, owner: Hashable) -> None:
+        """The endpoint of ``owner``'s speculative final is confirmed: if the job is still
+        queued, it becomes a real final (final priority, any worker) instead of waiting behind
+        partials as a guess would."""
+        job = self._speculative.pop(owner, None)
+        if job is None:
+            return
+        job.promoted = True
+        self._finals.append(job)
+        self._wakeup.unpark()
+
     def _queue_per_owner(self, queue: dict[Hashable, _Job], job: _Job) -> None:
         """One queued job per owner: a newer one replaces it (its caller gets ``None``) and
         goes to the back of the line."""
@@ -172,7 +185,7 @@ class Engine:
     def _withdraw(self, job: _Job) -> None:
         if job.taken:
             return
-        if job.options.speculative:
+        if job.options.speculative and not job.promoted:
             if self._speculative.get(job.owner) is job:
                 del self._speculative[job.owner]
         elif job.options.final:
@@ -203,7 +216,7 @@ class Engine:
     async def _run_job(self, job: _Job) -> None:
         started = self._clock()
         self._busy += 1
-        preview = job.options.speculative or not job.options.final
+        preview = (job.options.speculative and not job.promoted) or not job.options.final
         if preview:
             self._running_partials += 1
         if job.options.speculative:

@@ -570,6 +570,8 @@ class Session:
             self._drop_speculation("the utterance ended differently")
             return None
         self._speculation = None
+        # Its endpoint is confirmed: from here it is this utterance's final, not a guess.
+        self._engine.promote_speculative(self)
         await speculation.done.wait()
         if speculation.failed or speculation.transcript is None:
             self._metrics.speculative_finals.labels("failed").inc()

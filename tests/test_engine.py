@@ -292,3 +292,29 @@ async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a
     calls = model.calls
     assert sorted(calls) == ["final:1", "final:4", "final:6", "partial:5"], calls
     assert calls[-1] == "partial:5" and calls.index("final:1") < calls.index("final:4")
+
+
+async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=2)
+    guess = TranscribeOptions(final=True, speculative=True)
+    done: list[str] = []
+
+    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
+        await engine.transcribe(tagged(n), options, owner=owner)
+        done.append(key)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "a-partial", 1, PARTIAL, "a")  # holds the one preview worker
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "b-guess", 2, guess, "b")  # queued behind it, as a guess
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics().busy == 1
+        engine.promote_speculative("b")  # b's endpoint is confirmed
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics().busy == 2  # it took the worker kept for finals at once
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(done) == 2)
+        nursery.cancel_scope.cancel()
