@@ -124,14 +124,7 @@ def client_ip(
     since every proxy appends the address it saw and only our own proxies' entries can be
     believed. Headers from anyone else are ignored, since anyone can forge them."""
 
-    def is_trusted(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in trusted)
-
-    if not is_trusted(peer_ip):
+    if not is_trusted(peer_ip, trusted):
         return peer_ip
     if real_ip_header:
         real = head.headers.get(real_ip_header.lower(), "").strip()
@@ -141,9 +134,30 @@ def client_ip(
     for hop in reversed(hops):  # the right end was appended by our own proxies
         if not _valid_ip(hop):
             break
-        if not is_trusted(hop):
+        if not is_trusted(hop, trusted):
             return hop
     return peer_ip
+
+
+def is_trusted(
+    address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    """Whether ``address`` lies in one of the ``trusted`` networks (False if it is no address)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address (or ``localhost``) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 #: IPv6 hosts get a /64 each (RFC 6177), and one host can use all of it: limits count per /64.

@@ -9,7 +9,6 @@ reports all of it. Nothing is started and no model is loaded.
 from __future__ import annotations
 
 import grp
-import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from .auth import TokensFileError, TokenStore
+from .auth import TokensFileError, TokenStore, is_loopback
 from .config import EMBEDDED_MODEL, Config, ConfigError
 
 
@@ -75,11 +74,7 @@ def _check_references(config: Config, problems: list[str], warnings: list[str]) 
         except TokensFileError as exc:
             problems.append(f"tokens_file: {exc}")
     else:
-        try:
-            loopback = ipaddress.ip_address(config.host).is_loopback
-        except ValueError:
-            loopback = config.host == "localhost"
-        if not loopback:
+        if not is_loopback(config.host):
             warnings.append(
                 f"host {config.host} listens beyond loopback and tokens_file is not set: anyone "
                 "who can reach the port can use the server"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import ipaddress
 import logging
 import secrets
 import ssl
@@ -26,7 +25,15 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .admission import Decision, RefusalReason
-from .auth import TokenStore, address_key, client_ip, credentials, parse_networks
+from .auth import (
+    TokenStore,
+    address_key,
+    client_ip,
+    credentials,
+    is_loopback,
+    is_trusted,
+    parse_networks,
+)
 from .config import Config
 from .control import ControlServer, resolve_socket_path
 from .devices import Device, DevicePool, open_pool
@@ -106,13 +113,6 @@ def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
     except (AttributeError, OSError):
         return "unknown", "unknown"
     return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _decrement(counts: collections.Counter[str], key: str) -> None:
@@ -214,7 +214,7 @@ class Server:
             # The TLS handshake runs on the first read, so handshake_timeout bounds it too.
             listeners = [trio.SSLListener(listener, context) for listener in listeners]
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in self._listening))
-        if self._tokens is None and not all(_is_loopback(h) for h, _ in self._listening):
+        if self._tokens is None and not all(is_loopback(h) for h, _ in self._listening):
             log.warning(
                 "listening beyond loopback without tokens: anyone who can reach %s can use "
                 "this server; set tokens_file (see `stt-server token new`)",
@@ -395,7 +395,9 @@ class Server:
         """Hold one of the places for connections still in their handshake; False if none is
         free. Trusted proxies carry many clients, so only the total counts for them."""
         key = (
-            None if self._is_trusted_proxy(connection.peer_ip) else address_key(connection.peer_ip)
+            None
+            if is_trusted(connection.peer_ip, self._trusted_proxies)
+            else address_key(connection.peer_ip)
         )
         if self._handshaking_total >= self.config.max_handshakes or (
             key is not None and self._handshaking[key] >= self.config.max_handshakes_per_ip
@@ -413,13 +415,6 @@ class Server:
             self._handshaking_total -= 1
             if key is not None:
                 _decrement(self._handshaking, key)
-
-    def _is_trusted_proxy(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self._trusted_proxies)
 
     async def _handshake(
         self, nursery: trio.Nursery, stream: trio.abc.Stream, connection: _Connection
