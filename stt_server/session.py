@@ -105,8 +105,8 @@ class _Speculation:
     samples: int  # length of the audio it was decoded on
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     done: trio.Event = attrs.Factory(trio.Event)
+    #: None until it succeeds: failed, cancelled or replaced all leave it so.
     transcript: Transcript | None = None
-    failed: bool = False
 
 
 class _LatestPartial:
@@ -546,9 +546,7 @@ class Session:
                         request, options, owner=self
                     )
             except Exception:  # the real final will try again, and report what fails then
-                speculation.failed = True
-        if speculation.scope.cancelled_caught:
-            speculation.failed = True
+                pass
         speculation.done.set()
 
     def _drop_speculation(self, why: str) -> None:
@@ -573,7 +571,7 @@ class Session:
         # Its endpoint is confirmed: from here it is this utterance's final, not a guess.
         self._engine.promote_speculative(self)
         await speculation.done.wait()
-        if speculation.failed or speculation.transcript is None:
+        if speculation.transcript is None:
             self._metrics.speculative_finals.labels("failed").inc()
             return None
         self._metrics.speculative_finals.labels("used").inc()
@@ -590,12 +588,14 @@ class Session:
                 ended.speech,
             )
             return
-        audio, options = self._request(ended.audio, final=True)
         try:
             # One deadline for the final, whether it comes from the speculation or anew.
             with trio.fail_after(self._config.inference_timeout):
                 transcript = await self._take_speculation(ended)
-                transcript = transcript or await self._transcribe_final(audio, options)
+                if transcript is None:
+                    # Only now the context: a used speculation already had it.
+                    audio, options = self._request(ended.audio, final=True)
+                    transcript = await self._transcribe_final(audio, options)
         except trio.TooSlowError:
             self._report_failure(ended.utterance_id, "timed out")
             return
