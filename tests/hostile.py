@@ -15,6 +15,8 @@ import struct
 
 import trio
 
+from .conftest import http_request
+
 HANDSHAKE_KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 # --- HTTP request heads ------------------------------------------------------------------------
@@ -259,5 +261,5 @@ async def exchange(port: int, data: bytes, *, linger: float = 0.3) -> bytes:
 
 async def health_status(port: int) -> int:
     """The status code of ``GET /health``."""
-    reply = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", linger=5)
-    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else -1
+    status, _, _ = await http_request(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return status

@@ -51,13 +51,20 @@ def tagged(n: int) -> np.ndarray:
     return np.full(4, n, dtype=np.float32)
 
 
+def asker(engine: Engine, results: dict[str, object]):
+    """``ask(key, n, options, owner)``: request ``tagged(n)``; its result lands in ``results``."""
+
+    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
+        results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+
+    return ask
+
+
 async def test_finals_jump_the_queue_and_partials_coalesce_per_session() -> None:
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=1)
     results: dict[str, object] = {}
-
-    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
-        results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+    ask = asker(engine, results)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -198,11 +205,8 @@ async def test_a_final_past_inference_timeout_fails_that_utterance_and_the_sessi
 async def test_one_worker_stays_free_for_finals_and_partials_take_turns() -> None:
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=2)
-    done: list[str] = []
-
-    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
-        await engine.transcribe(tagged(n), options, owner=owner)
-        done.append(key)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -220,7 +224,7 @@ async def test_one_worker_stays_free_for_finals_and_partials_take_turns() -> Non
         await trio.testing.wait_all_tasks_blocked()
         model.gate.set()
         with trio.fail_after(30):
-            await wait_until(lambda: len(done) == 5)
+            await wait_until(lambda: len(results) == 5)
         nursery.cancel_scope.cancel()
     partials = [c for c in model.calls if c.startswith("partial")]
     assert partials == ["partial:1", "partial:2", "partial:3", "partial:4"]
@@ -259,9 +263,7 @@ async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a
     engine = Engine(model, device="cpu", workers=2)
     guess = TranscribeOptions(final=True, speculative=True)
     results: dict[str, object] = {}
-
-    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
-        results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+    ask = asker(engine, results)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -298,11 +300,8 @@ async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> No
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=2)
     guess = TranscribeOptions(final=True, speculative=True)
-    done: list[str] = []
-
-    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
-        await engine.transcribe(tagged(n), options, owner=owner)
-        done.append(key)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -316,5 +315,5 @@ async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> No
         assert engine.statistics().busy == 2  # it took the worker kept for finals at once
         model.gate.set()
         with trio.fail_after(30):
-            await wait_until(lambda: len(done) == 2)
+            await wait_until(lambda: len(results) == 2)
         nursery.cancel_scope.cancel()
