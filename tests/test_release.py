@@ -31,6 +31,9 @@ from . import hostile
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: The fresh environment's processes see neither the checkout nor a PYTHONPATH pointing at it.
+FRESH_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -86,6 +89,7 @@ def fresh_env(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         check=True,
+        env=FRESH_ENV,
     ).stdout.strip()
     (Path(site) / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     wheel = next(dist.glob("stt_server-*.whl"))
@@ -93,6 +97,7 @@ def fresh_env(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         [python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
         check=True,
         timeout=120,
+        env=FRESH_ENV,
     )
     return env_dir
 
@@ -109,6 +114,7 @@ def test_the_fresh_environment_imports_the_wheel_not_the_checkout(fresh_env, tmp
         text=True,
         check=True,
         cwd=tmp_path,
+        env=FRESH_ENV,
     ).stdout.split()
     assert all(Path(p).is_relative_to(site) for p in paths), (site, paths)
     assert (Path(paths[1]).parent / "admin.tcss").is_file()
@@ -122,7 +128,7 @@ async def test_the_server_runs_from_the_wheel_in_a_fresh_environment(
     server = await trio.lowlevel.open_process(
         [*command, "--control-socket", "", "--log-level", "warning"],
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env=FRESH_ENV,
     )
     try:
         with trio.fail_after(120):
