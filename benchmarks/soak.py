@@ -10,11 +10,14 @@ real ``stt-loadtest`` against it: ``--clients`` users from as many loopback addr
 (sending nothing: only pings keep them), the rest pausing 1-4 s like a person. Meanwhile it
 reads the server's resident memory from /proc every ``--sample-interval`` seconds, because
 the server's /metrics may not export it (stt-loadtest's own memory figures come from /metrics
-and are null then).
+and are null then), and the CPU used by the server, by stt-loadtest and by everything else on
+the machine: a latency episode that coincides with other processes' CPU is the machine's, not
+the server's.
 
-Writes into ``--out``: ``report.json`` and ``latency.png`` (stt-loadtest's), ``memory.csv``
-and ``memory.png``; prints resident memory after warm-up and at the end, the growth between
-them, utterances lost / complete clips without text, and final latency p95 per tenth of the run.
+Writes into ``--out``: ``report.json`` and ``latency.png`` (stt-loadtest's), ``samples.csv``
+and ``memory.png`` (memory and CPU over time); prints resident memory after warm-up and at the
+end, the growth between them, utterances lost / complete clips without text, and final latency
+p95 per tenth of the run beside the CPU other processes took in that tenth.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import signal
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from stt_server.loadtest.local import free_port, server_command, wait_until_listening
@@ -46,17 +51,59 @@ def resident_mib(pid: int) -> float | None:
     return None
 
 
-async def sample_memory(pid: int, interval: float, out: list[tuple[float, float]]) -> None:
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of one process (all its threads), 0 once it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent on anything but idle and iowait since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / TICKS
+
+
+@attrs.define
+class Sample:
+    seconds: float
+    resident_mib: float
+    server_cores: float
+    loadtest_cores: float
+    other_cores: float
+
+
+async def sample_machine(pid: int, loadtest: list[int], interval: float, out: list[Sample]) -> None:
     start = trio.current_time()
+    last = (start, process_cpu_seconds(pid), 0.0, machine_busy_seconds())
     while True:
-        rss = resident_mib(pid)
-        if rss is not None:
-            out.append((trio.current_time() - start, rss))
         await trio.sleep(interval)
+        rss = resident_mib(pid)
+        now = trio.current_time()
+        cpu = (
+            now,
+            process_cpu_seconds(pid),
+            process_cpu_seconds(next(iter(loadtest), None)),
+            machine_busy_seconds(),
+        )
+        span = cpu[0] - last[0]
+        server, tester = (cpu[1] - last[1]) / span, max(cpu[2] - last[2], 0.0) / span
+        other = max((cpu[3] - last[3]) / span - server - tester, 0.0)
+        last = cpu
+        if rss is not None:
+            out.append(Sample(now - start, rss, server, tester, other))
 
 
-async def soak(args: argparse.Namespace, pid: int, url: str) -> list[tuple[float, float]]:
-    memory: list[tuple[float, float]] = []
+async def soak(args: argparse.Namespace, pid: int, url: str) -> list[Sample]:
+    samples: list[Sample] = []
+    loadtest_pid: list[int] = []
     last = 1 + args.clients
     cmd = [
         sys.executable,
@@ -71,28 +118,35 @@ async def soak(args: argparse.Namespace, pid: int, url: str) -> list[tuple[float
         *("--progress-interval", "60"),
     ]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sample_memory, pid, args.sample_interval, memory)
-        await trio.run_process(cmd, check=False, cwd=ROOT)
+        process = await nursery.start(partial(trio.run_process, cmd, check=False, cwd=ROOT))
+        loadtest_pid.append(process.pid)
+        nursery.start_soon(sample_machine, pid, loadtest_pid, args.sample_interval, samples)
+        await process.wait()
         nursery.cancel_scope.cancel()
-    return memory
+    return samples
 
 
-def plot_memory(memory: list[tuple[float, float]], warmup: float, path: Path) -> None:
+def plot_samples(samples: list[Sample], warmup: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 3.2))
-    if memory:
-        t, mib = zip(*memory, strict=True)
-        ax.plot(t, mib, marker=".")
+    fig, (ax, cpu) = plt.subplots(2, 1, figsize=(10, 5.4), sharex=True)
+    t = [s.seconds for s in samples]
+    ax.plot(t, [s.resident_mib for s in samples], marker=".")
     ax.axvline(warmup, color="grey", linestyle="--", label="end of warm-up")
-    ax.set_xlabel("seconds since start")
     ax.set_ylabel("MiB")
     ax.set_title("stt-server resident memory (/proc/PID/status VmRSS)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
+    for name in ("server_cores", "loadtest_cores", "other_cores"):
+        cpu.plot(t, [getattr(s, name) for s in samples], label=name.split("_")[0])
+    cpu.set_xlabel("seconds since start")
+    cpu.set_ylabel("cores busy")
+    cpu.set_title("CPU: the server, stt-loadtest, every other process")
+    cpu.legend(loc="upper right")
+    cpu.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -107,7 +161,9 @@ def main() -> None:
     parser.add_argument("--silent-pause", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-interval", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=60.0)
+    # Measured: resident memory climbs for about 200 s (the allocator's pools filling as every
+    # utterance length and every session count is met), then stays flat.
+    parser.add_argument("--warmup", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=Path("soak"))
     parser.add_argument(
         "server_args", nargs=argparse.REMAINDER, help="after --, flags for the stt-server"
@@ -127,15 +183,19 @@ def main() -> None:
     try:
         if not wait_until_listening(port, 120):
             raise SystemExit("server did not start")
-        memory = trio.run(soak, args, server.pid, f"ws://127.0.0.1:{port}/")
+        samples = trio.run(soak, args, server.pid, f"ws://127.0.0.1:{port}/")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
 
-    (args.out / "memory.csv").write_text(
-        "seconds,resident_mib\n" + "".join(f"{t:.1f},{m:.1f}\n" for t, m in memory)
+    columns = [f.name for f in attrs.fields(Sample)]
+    (args.out / "samples.csv").write_text(
+        ",".join(columns)
+        + "\n"
+        + "".join(",".join(f"{getattr(s, c):.2f}" for c in columns) + "\n" for s in samples)
     )
-    plot_memory(memory, args.warmup, args.out / "memory.png")
+    plot_samples(samples, args.warmup, args.out / "memory.png")
+    memory = [(s.seconds, s.resident_mib) for s in samples]
     report = json.loads((args.out / "report.json").read_text())
     # Medians over a minute, as stt-loadtest's memory figures: single readings swing by 100 MiB
     # with what is being decoded at that moment.
@@ -166,10 +226,15 @@ def main() -> None:
         f"final latency p50 {report['final_latency_p50_s']} s, p95 "
         f"{report['final_latency_p95_s']} s, p99 {report['final_latency_p99_s']} s"
     )
-    print("final latency p95 per tenth of the run:")
+    print("final latency p95 per tenth of the run, and the cores other processes took then:")
     for row in report["latency_over_time"]:
         span = f"{row['from_s']:7.0f}-{row['to_s']:<7.0f} s"
-        print(f"  {span}  finals {row['finals']:4d}  p95 {row['p95_s']}")
+        others = [s.other_cores for s in samples if row["from_s"] <= s.seconds < row["to_s"]]
+        busiest = max(others, default=0.0)
+        print(
+            f"  {span}  finals {row['finals']:4d}  p95 {row['p95_s']}  "
+            f"other processes: mean {statistics.fmean(others or [0.0]):.2f}, max {busiest:.2f}"
+        )
 
 
 if __name__ == "__main__":
