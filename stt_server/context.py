@@ -12,6 +12,7 @@ session.
 from __future__ import annotations
 
 import collections
+import zlib
 
 import numpy as np
 
@@ -20,6 +21,19 @@ from .protocol import MODEL_SAMPLE_RATE
 
 #: Room left in the 30 s window so that padding never pushes the request past it.
 _WINDOW_MARGIN = 0.5
+
+#: faster-whisper redoes a decode at rising temperatures (up to five more times) when its text
+#: compresses better than 2.4:1, taking it for a loop, and the forced prefix counts as part of
+#: that text. A context of one sentence said again and again (someone repeating themselves, a
+#: test looping a clip) would set that off on every final. So the context stops short of
+#: compressing this well by itself, leaving room for the new words.
+MAX_CONTEXT_COMPRESSION = 2.0
+
+
+def compression_ratio(text: str) -> float:
+    """As faster-whisper measures it: bytes of text per byte of its zlib compression."""
+    raw = text.encode()
+    return len(raw) / len(zlib.compress(raw))
 
 
 class RecentSpeech:
@@ -49,13 +63,18 @@ class RecentSpeech:
         room = min(room, self._max)
         chosen: list[tuple[np.ndarray, str]] = []
         used = 0
+        text = ""
         for item in reversed(self._items):
             if used + item[0].size > room:
                 break
+            longer = f"{item[1]} {text}" if text else item[1]
+            if compression_ratio(longer) > MAX_CONTEXT_COMPRESSION:
+                break
             chosen.append(item)
             used += item[0].size
+            text = longer
         if not chosen:
             return audio, 0, None
         chosen.reverse()
         context = np.concatenate([a for a, _ in chosen] + [audio])
-        return context, used, " ".join(t for _, t in chosen)
+        return context, used, text

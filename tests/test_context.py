@@ -1,6 +1,6 @@
 import numpy as np
 
-from stt_server.context import RecentSpeech
+from stt_server.context import MAX_CONTEXT_COMPRESSION, RecentSpeech, compression_ratio
 
 
 def sec(n: float) -> np.ndarray:
@@ -38,3 +38,27 @@ def test_disabled_context() -> None:
     recent = RecentSpeech(max_seconds=0)
     recent.add(sec(1), "a")
     assert recent.prepend(sec(1))[1:] == (0, None)
+
+
+def test_a_context_repeating_itself_stops_before_whisper_takes_it_for_a_loop() -> None:
+    """The same sentence again and again: the context keeps only as many copies as stay
+    under the compression bound (faster-whisper's fallback fires at 2.4, prefix included)."""
+    sentence = "She had your dark suit in greasy wash water all year."
+    recent = RecentSpeech(max_seconds=20)
+    for _ in range(5):
+        recent.add(sec(3), sentence)
+    _, n, prefix = recent.prepend(sec(3))
+    copies = prefix.count(sentence)
+    assert 1 <= copies < 5 and n == copies * 3 * 16000
+    assert compression_ratio(prefix) <= MAX_CONTEXT_COMPRESSION
+    assert compression_ratio(f"{prefix} {sentence}") > MAX_CONTEXT_COMPRESSION  # one more: over
+
+
+def test_ordinary_speech_keeps_its_whole_context(references) -> None:
+    """Real sentences never compress that well: the bound costs normal context nothing."""
+    words = references["lucier.wav"].split()
+    recent = RecentSpeech(max_seconds=20)
+    for i in range(0, 60, 10):
+        recent.add(sec(3), " ".join(words[i : i + 10]))
+    _, n, prefix = recent.prepend(sec(1))
+    assert n == 6 * 3 * 16000 and prefix == " ".join(words[:60])
