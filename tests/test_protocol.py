@@ -78,12 +78,15 @@ def test_bad_messages_raise_the_documented_code(message, code) -> None:
 
 
 def test_server_messages_match_the_contract() -> None:
-    assert json.loads(session_message("abc", 16000, "tiny.en")) == {
+    assert json.loads(session_message("abc", 16000, "tiny.en", "en")) == {
         "type": "session",
         "session_id": "abc",
         "sample_rate": 16000,
         "model": "tiny.en",
+        "language": "en",
     }
+    # None: the model detects the language, which the client learns per completed.
+    assert json.loads(session_message("abc", 16000, "base"))["language"] == "auto"
     assert json.loads(realtime_message("hel", 3)) == {
         "type": "realtime",
         "text": "hel",
@@ -96,6 +99,9 @@ def test_server_messages_match_the_contract() -> None:
         "start": 12.48,
         "end": 15.02,
     }
+    detected = completed_message("bonjour", 4, 1.0, 2.0, language="fr", language_probability=0.9)
+    assert json.loads(detected)["language"] == "fr"
+    assert json.loads(detected)["language_probability"] == 0.9
     assert json.loads(error_message("server_busy", "full", retry_after=5.0)) == {
         "type": "error",
         "code": "server_busy",

@@ -58,10 +58,10 @@ def test_a_looping_short_window_partial_is_redone_on_the_full_window(
 ) -> None:
     monkeypatch.setattr(speech_model, "short_partials", True)
     monkeypatch.setattr(
-        type(speech_model), "_decode_short", lambda self, audio, language: "so so so so"
+        type(speech_model), "_decode_short", lambda self, audio, language, task: "so so so so"
     )
     audio = clip("ldc93s1.wav").astype(np.float32) / 32768
-    text = speech_model.transcribe(audio, TranscribeOptions(final=False))
+    text = speech_model.transcribe(audio, TranscribeOptions(final=False)).text
     assert "greasy" in text.lower() and not is_looping(text)
 
 
@@ -83,7 +83,7 @@ def test_short_window_partials_read_like_full_window_ones(speech_model, clip, mo
         full_decodes.clear()
         monkeypatch.setattr(speech_model, "short_partials", short)
         texts = [
-            speech_model.transcribe(audio[: int(s * 16000)], TranscribeOptions(final=False))
+            speech_model.transcribe(audio[: int(s * 16000)], TranscribeOptions(final=False)).text
             for s in (2.5, 4.5, 6.5, 8.5)
         ]
         assert all(texts), texts
@@ -92,3 +92,28 @@ def test_short_window_partials_read_like_full_window_ones(speech_model, clip, mo
         assert len(full_decodes) == (0 if short else 4), full_decodes
         assert not any(is_looping(t) for t in texts), texts
     assert results[True] <= results[False] + 0.10, results
+
+
+def test_a_repeated_sentence_in_the_context_costs_one_decode(speech_model, clip, monkeypatch):
+    """Someone says the same sentence a third time: faster-whisper would measure its loop test
+    on context and new words together (2.5:1 here) and decode five more times at rising
+    temperatures. The test is made on the new words alone, so one decode does it."""
+    import faster_whisper.transcribe
+
+    attempts = []
+    measure = faster_whisper.transcribe.get_compression_ratio
+
+    def counting(text: str) -> float:
+        attempts.append(text)
+        return measure(text)
+
+    monkeypatch.setattr(faster_whisper.transcribe, "get_compression_ratio", counting)
+    sentence = clip("ldc93s1.wav").astype(np.float32) / 32768
+    spoken = "She had your dark suit in greasy wash water all year."
+    audio = np.concatenate([sentence, sentence, sentence])
+    options = TranscribeOptions(
+        final=True, language="en", context_samples=2 * sentence.size, prefix=f"{spoken} {spoken}"
+    )
+    recognized = speech_model.transcribe(audio, options)
+    assert len(attempts) == 1, attempts
+    assert word_error_rate(spoken, recognized.text) <= 0.1, recognized.text

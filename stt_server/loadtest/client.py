@@ -416,11 +416,13 @@ async def stream_audio(
     result: StreamResult | None = None,
     token: str | None = None,
     source_address: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> StreamResult:
     """Stream int16 ``samples`` to ``url`` and collect the replies until the server closes.
 
     ``speed`` 1.0 is real time, ``0`` as fast as possible. ``finish`` is ``"end"`` (send
     ``end``, then wait for the server's close), ``"close"`` (just close) or ``"none"``.
+    ``config``: fields of a ``config`` message sent before the audio (language, task, prompt).
     """
     result = result if result is not None else StreamResult()
     if trailing_silence:
@@ -441,8 +443,11 @@ async def stream_audio(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
             try:
+                fields = dict(config or {})
                 if declare_rate and sample_rate != SAMPLE_RATE:
-                    await stream.send_json({"type": "config", "sample_rate": sample_rate})
+                    fields["sample_rate"] = sample_rate
+                if fields:
+                    await stream.configure(**fields)
                 await stream.stream(samples, speed=speed, chunk_seconds=chunk_seconds)
                 if finish == "end":
                     await stream.end()
