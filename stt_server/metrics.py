@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+#: A file request runs from a fraction of a second (a short clip on a GPU) to minutes (an hour
+#: of audio on a CPU).
+_FILE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+#: The file API's routes, as the ``endpoint`` label names them.
+FILE_ENDPOINTS = ("transcriptions", "translations")
 
 #: Breaker states as numbers, so a dashboard can colour them and an alert can compare.
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -83,20 +89,49 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=r,
         )
+        # The OpenAI-compatible file API (POST /v1/audio/...), counted apart from sessions.
+        self.file_requests = Counter(
+            "stt_file_requests",
+            "File API requests answered, by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.file_audio_seconds = Counter(
+            "stt_file_audio_seconds",
+            "Seconds of audio in files transcribed by the file API",
+            registry=r,
+        )
+        self.file_duration = Histogram(
+            "stt_file_request_seconds",
+            "From a file request's head being read to its answer (receiving the body, decoding, "
+            "queueing behind live sessions, inference)",
+            buckets=_FILE_BUCKETS,
+            registry=r,
+        )
+        self.files_active = Gauge(
+            "stt_file_requests_active",
+            "File API requests being received, decoded or transcribed now",
+            registry=r,
+        )
 
         # Every known label value exists from the start, so dashboards and rate() see zeros
         # instead of missing series before the first event.
         for code in ErrorCode:
             self.errors.labels(code.value)
-        for kind in ("partial", "final"):
+        for kind in ("partial", "final", "upload"):
             self.inference.labels(kind)
             self.queue_wait.labels(kind)
+        for endpoint in FILE_ENDPOINTS:
+            self.file_requests.labels(endpoint, "200")
 
-    def observe_transcription(self, transcript: Transcript | None, *, final: bool) -> None:
-        """Record a finished transcription (None: it was superseded or failed; nothing to add)."""
+    def observe_transcription(
+        self, transcript: Transcript | None, *, final: bool, upload: bool = False
+    ) -> None:
+        """Record a finished transcription (None: it was superseded or failed; nothing to add).
+        ``upload``: a chunk of a file sent to the file API."""
         if transcript is None:
             return
-        kind = "final" if final else "partial"
+        kind = "upload" if upload else "final" if final else "partial"
         self.queue_wait.labels(kind).observe(transcript.queued)
         self.inference.labels(kind).observe(transcript.inference)
 
@@ -168,6 +203,7 @@ class _StateCollector:
             label = [device.label]
             queue.add_metric([device.label, "final"], device.engine.queued_finals)
             queue.add_metric([device.label, "partial"], device.engine.queued_partials)
+            queue.add_metric([device.label, "upload"], device.engine.queued_uploads)
             busy.add_metric(label, device.engine.busy)
             workers.add_metric(label, device.engine.workers)
             sessions.add_metric(label, device.sessions)
