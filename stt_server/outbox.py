@@ -5,14 +5,20 @@ of at most ``max_pending`` entries and ``max_bytes`` bytes (UTF-8); overflowing 
 client has stopped reading for so long that it is treated as gone (:class:`OutboxOverflow`).
 Partials sit in a single slot that the next partial overwrites, behind the FIFO, so a slow
 reader sees fewer, fresher partials and never a partial of an utterance that has already been
-completed.
+completed. A partial may be given as a function that renders it: it is called only when the
+partial is taken for sending (and may then find nothing to send), so what it says can depend on
+what the client has actually been sent before (the OpenAI dialect's deltas).
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import trio
+
+#: A partial, or what renders it when it is taken (``None``: nothing to send after all).
+Partial = str | Callable[[], str | None]
 
 
 class OutboxOverflow(Exception):
@@ -25,7 +31,7 @@ class Outbox:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._reliable: collections.deque[tuple[str, int]] = collections.deque()
-        self._partial: tuple[int, str] | None = None
+        self._partial: tuple[int, Partial] | None = None
         self._closed = False
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -48,7 +54,7 @@ class Outbox:
             self._partial = None
         self.put(message)
 
-    def put_partial(self, message: str, utterance_id: int) -> None:
+    def put_partial(self, message: Partial, utterance_id: int) -> None:
         if self._closed:
             return
         self._partial = (utterance_id, message)
@@ -71,8 +77,11 @@ class Outbox:
                 self._bytes -= size
                 return message
             if self._partial is not None:
-                message, self._partial = self._partial[1], None
-                return message
+                partial, self._partial = self._partial[1], None
+                rendered = partial if isinstance(partial, str) else partial()
+                if rendered is not None:
+                    return rendered
+                continue
             if self._closed:
                 return None
             await self._lot.park()

@@ -47,11 +47,23 @@ class SegmenterSettings:
     max_utterance: float = 25.0
     speech_pad: float = 0.3
     partial_interval: float = 0.5
+    #: False: silence never ends an utterance, only a flush does (OpenAI's manual commits).
+    endpointing: bool = True
+    #: Announce each utterance as it opens (:class:`UtteranceStarted`).
+    report_starts: bool = False
 
     @property
     def neg_threshold(self) -> float:
         # Silero's own default hysteresis.
         return max(self.threshold - 0.15, 0.01)
+
+
+@attrs.frozen
+class UtteranceStarted:
+    """An utterance has opened; ``start`` includes the ``speech_pad`` before its speech."""
+
+    utterance_id: int
+    start: float
 
 
 @attrs.frozen
@@ -89,7 +101,7 @@ class SpeechResumed:
     utterance_id: int
 
 
-SegmenterEvent = PartialDue | UtteranceEnded | SpeechPaused | SpeechResumed
+SegmenterEvent = UtteranceStarted | PartialDue | UtteranceEnded | SpeechPaused | SpeechResumed
 
 
 def _samples(seconds: float) -> int:
@@ -110,6 +122,22 @@ class Segmenter:
         self._next_id = 1
         self._open_id: int | None = None
         self._reset_utterance()
+
+    def configure(self, settings: SegmenterSettings) -> None:
+        """New endpointing (a client's turn detection) from the next window on; the open
+        utterance, if any, goes on under it. The buffer's size and the partial cadence stay."""
+        if (settings.max_utterance, settings.partial_interval) != (
+            self._s.max_utterance,
+            self._s.partial_interval,
+        ):
+            raise ValueError("max_utterance and partial_interval are fixed for a segmenter")
+        self._s = settings
+        self._min_silence = _samples(settings.min_silence)
+        self._pad = _samples(settings.speech_pad)
+
+    @property
+    def settings(self) -> SegmenterSettings:
+        return self._s
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -163,11 +191,17 @@ class Segmenter:
         self._open(self._position - pre.size, pre)
         self._speech = WINDOW
         self._last_speech_end = self._len
-        return []
+        return self._started()
+
+    def _started(self) -> list[SegmenterEvent]:
+        if not self._s.report_starts:
+            return []
+        assert self._open_id is not None
+        return [UtteranceStarted(self._open_id, self._start / MODEL_SAMPLE_RATE)]
 
     def _push_speaking(self, window: np.ndarray, prob: float) -> list[SegmenterEvent]:
         if self._len + WINDOW > self._capacity:
-            events: list[SegmenterEvent] = [self._cut_for_length()]
+            events: list[SegmenterEvent] = [self._cut_for_length(), *self._started()]
         else:
             events = []
         self._buf[self._len : self._len + WINDOW] = window
@@ -183,8 +217,11 @@ class Segmenter:
         elif prob < self._s.neg_threshold or self._silence_run:
             self._silence_run += WINDOW
             self._last_pause = self._len
+        # Without endpointing, silence is still counted (for the cut at max_utterance), but
+        # it neither pauses nor ends anything.
         if (
-            not self._paused
+            self._s.endpointing
+            and not self._paused
             and 0 < self._silence_run < self._min_silence
             and self._silence_run >= self._pad
             and self._last_speech_end + self._pad <= self._len
@@ -196,7 +233,7 @@ class Segmenter:
                     self._open_id, self._buf[:end].copy(), self._speech / MODEL_SAMPLE_RATE
                 )
             )
-        if self._silence_run >= self._min_silence:
+        if self._s.endpointing and self._silence_run >= self._min_silence:
             end = min(self._len, self._last_speech_end + self._pad)
             events.append(self._close(end, "silence"))
             # The silence past the kept pad is the next utterance's pre-roll.
@@ -226,6 +263,25 @@ class Segmenter:
         if self._open_id is None:
             return []
         return [self._close(self._len, "flush")]
+
+    def discard(self) -> int | None:
+        """Throw the open utterance away, with the pre-roll (the client cleared its audio);
+        returns its id, if one was open. Time goes on counting from where it was."""
+        dropped = self._open_id
+        self._open_id = None
+        self._reset_utterance()
+        self._preroll.clear()
+        self._preroll_len = 0
+        return dropped
+
+    def empty_utterance(self) -> UtteranceEnded:
+        """An utterance without audio, ended now (a client that commits audio without speech
+        still expects an item for it). Only while none is open."""
+        assert self._open_id is None
+        utterance_id = self._next_id
+        self._next_id += 1
+        now = self._position / MODEL_SAMPLE_RATE
+        return UtteranceEnded(utterance_id, np.zeros(0, np.float32), now, now, 0.0, "flush")
 
     def append_tail(self, samples: np.ndarray) -> None:
         """Add samples shorter than a window to the open utterance (only before a flush)."""

@@ -9,6 +9,10 @@
 Every piece of recognition state (resampler, VAD state, segmenter, prompt, error counter) lives
 on the session object and nowhere else, so sessions can never see each other's audio or text.
 
+What goes over the wire is the session's *dialect* (:mod:`.dialect`): the native protocol, or
+OpenAI's Realtime protocol (:mod:`.realtime_protocol`). The session parses through it and tells
+it what happened; the dialect answers with the messages to send. One recognizer, any protocol.
+
 Ending a session has exactly two shapes. A *graceful close* (the client's ``end``, a fatal
 protocol error, server shutdown, a kick) stops intake, flushes the open utterance, lets the
 finalizer transcribe everything owed, sends the optional ``error`` and then closes with the
@@ -19,6 +23,7 @@ client that stopped reading) cancels everything at once, because nobody is left 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -31,6 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from .audio import Resampler, pcm16_to_float
 from .config import Config
 from .context import RecentSpeech
+from .dialect import Clear, Dialect, NativeDialect, SessionEvent, SessionUpdate, TurnDetection
 from .engine import Engine, TranscribeOptions, Transcript
 from .errors import (
     MAX_CONSECUTIVE_ERRORS,
@@ -44,16 +50,10 @@ from .metrics import Metrics
 from .outbox import Outbox, OutboxOverflow
 from .protocol import (
     DETECT_LANGUAGE,
-    MODEL_SAMPLE_RATE,
     AudioChunk,
     ConfigUpdate,
     End,
     Flush,
-    completed_message,
-    error_message,
-    parse_client_message,
-    realtime_message,
-    session_message,
 )
 from .ratelimit import TokenBucket
 from .segmenter import (
@@ -64,6 +64,7 @@ from .segmenter import (
     SpeechPaused,
     SpeechResumed,
     UtteranceEnded,
+    UtteranceStarted,
 )
 from .stats import SessionStatistics
 from .vad import SileroModel, VadStream
@@ -146,8 +147,10 @@ class Session:
         language_check: LanguageCheck,
         metrics: Metrics,
         token_label: str | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
         self.session_id = session_id
+        self._dialect: Dialect = dialect if dialect is not None else NativeDialect()
         self.token_label = token_label
         self._metrics = metrics
         self.peer = peer
@@ -163,7 +166,7 @@ class Session:
         # Partials are previews: when the language is detected, they reuse what the last final
         # found instead of paying for a detection each time.
         self._detected_language: str | None = None
-        self._resampler = Resampler(config.sample_rate)
+        self._resampler = Resampler(self._dialect.sample_rate or config.sample_rate)
         self._vad = VadStream(vad_model)
         self._segmenter = Segmenter(
             SegmenterSettings(
@@ -172,6 +175,7 @@ class Session:
                 max_utterance=config.max_utterance,
                 speech_pad=config.speech_pad,
                 partial_interval=config.partial_interval,
+                report_starts=self._dialect.reports_speech_start,
             )
         )
         self._outbox = Outbox(config.max_pending_finals, config.max_pending_bytes)
@@ -214,11 +218,13 @@ class Session:
     # -- public ----------------------------------------------------------------------------
     async def run(self) -> None:
         """Serve the client until the session ends one way or the other."""
-        self._outbox.put(
-            session_message(self.session_id, MODEL_SAMPLE_RATE, self._model_name, self._language)
-        )
+        self._put_all(self._dialect.greeting(self.session_id, self._model_name, self._language))
         log.info(
-            "session %s start peer=%s", self.session_id, self.peer, extra=self._fields("start")
+            "session %s start peer=%s protocol=%s",
+            self.session_id,
+            self.peer,
+            self._dialect.name,
+            extra=self._fields("start"),
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -283,9 +289,14 @@ class Session:
         else:
             self._close_after_utterance = request
 
-    def _send_error(self, code: ErrorCode, message: str) -> None:
+    def _send_error(self, code: ErrorCode, message: str, *, reply: bool = False) -> None:
+        """``reply``: the error is about the client message being handled."""
         self._metrics.errors.labels(code.value).inc()
-        self._outbox.put(error_message(code.value, message))
+        self._outbox.put(self._dialect.error(code, message, reply=reply))
+
+    def _put_all(self, messages: list[str]) -> None:
+        for message in messages:
+            self._outbox.put(message)
 
     def close(self, request: CloseRequest) -> None:
         """Ask the session to end gracefully (server shutdown, operator kick)."""
@@ -413,7 +424,7 @@ class Session:
             try:
                 if isinstance(message, SttError):
                     raise message
-                event = parse_client_message(message)
+                event = self._dialect.parse(message)
                 if isinstance(event, End):
                     return CloseRequest(CloseCode.NORMAL)
                 await self._handle(event)
@@ -429,7 +440,7 @@ class Session:
                 )
                 if exc.close_code is not None:
                     return CloseRequest(exc.close_code, exc.error_code, exc.message)
-                self._send_error(exc.error_code, exc.message)
+                self._send_error(exc.error_code, exc.message, reply=True)
                 if self._consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     return CloseRequest(
                         CloseCode.POLICY_VIOLATION,
@@ -439,7 +450,8 @@ class Session:
                 continue
             self._consecutive_errors = 0
 
-    async def _handle(self, event: AudioChunk | ConfigUpdate | Flush) -> None:
+    async def _handle(self, event: SessionEvent) -> None:
+        """Act on one client event (``End`` never comes here: intake ends on it)."""
         if isinstance(event, AudioChunk):
             if event.sample_rate is not None:
                 await self._feed(self._resampler.set_rate(event.sample_rate))
@@ -453,19 +465,58 @@ class Session:
             self._metrics.audio_seconds.inc(seconds)
             await self._feed(self._resampler.process(samples))
         elif isinstance(event, ConfigUpdate):
-            if event.language is not None:
-                self._language = self._language_check(event.language)
-                self._detected_language = None
-            if event.task is not None:
-                self._task = self._language_check.task(event.task)
-            if event.prompt is not None:
-                self._prompt = event.prompt or None
-            if event.hotwords is not None:
-                self._hotwords = event.hotwords or None
-            if event.sample_rate is not None:
-                await self._feed(self._resampler.set_rate(event.sample_rate))
-        else:
-            await self._dispatch_all(self._flush())
+            await self._configure(event)
+            self._put_all(self._dialect.updated())
+        elif isinstance(event, SessionUpdate):
+            await self._configure(event.config)
+            if event.turn_detection is not None:
+                self._set_turn_detection(event.turn_detection)
+            self._put_all(self._dialect.updated())
+        elif isinstance(event, Clear):
+            self._clear()
+        elif isinstance(event, Flush):
+            ended = self._flush()
+            if not ended and self._dialect.commit_empty():
+                ended = [self._segmenter.empty_utterance()]
+            await self._dispatch_all(ended)
+
+    async def _configure(self, event: ConfigUpdate) -> None:
+        # Checked before anything changes, so that a refused update changes nothing.
+        language = self._language_check(event.language) if event.language is not None else None
+        task = self._language_check.task(event.task) if event.task is not None else None
+        if event.language is not None:
+            self._language = language
+            self._detected_language = None
+        if task is not None:
+            self._task = task
+        if event.prompt is not None:
+            self._prompt = event.prompt or None
+        if event.hotwords is not None:
+            self._hotwords = event.hotwords or None
+        if event.sample_rate is not None:
+            await self._feed(self._resampler.set_rate(event.sample_rate))
+
+    def _set_turn_detection(self, turn: TurnDetection) -> None:
+        """This session's endpointing from now on (OpenAI's turn_detection)."""
+        self._segmenter.configure(
+            attrs.evolve(
+                self._segmenter.settings,
+                threshold=turn.threshold,
+                min_silence=turn.silence,
+                speech_pad=turn.prefix_padding,
+                endpointing=turn.enabled,
+            )
+        )
+
+    def _clear(self) -> None:
+        """Throw away the audio not yet committed: the open utterance and any work on it."""
+        dropped = self._segmenter.discard()
+        if dropped is not None:
+            self._latest_partial.discard_up_to(dropped)
+            if self._partial_in_flight and self._partial_in_flight[0] == dropped:
+                self._partial_in_flight[1].cancel()
+            self._drop_speculation("audio cleared")
+        self._put_all(self._dialect.cleared(dropped))
 
     async def _feed(self, samples: np.ndarray) -> None:
         if not samples.size:
@@ -500,6 +551,9 @@ class Session:
                 raise
 
     async def _dispatch(self, event: SegmenterEvent) -> None:
+        if isinstance(event, UtteranceStarted):
+            self._put_all(self._dialect.speech_started(event.utterance_id, event.start))
+            return
         if isinstance(event, PartialDue):
             self._latest_partial.set(event)
             return
@@ -509,6 +563,7 @@ class Session:
         if isinstance(event, SpeechResumed):
             self._drop_speculation("speech resumed")
             return
+        self._put_all(self._dialect.utterance_ended(event.utterance_id, event.end, event.reason))
         # A partial of an utterance that has just ended is wasted work: drop it, queued or running.
         self._latest_partial.discard_up_to(event.utterance_id)
         if self._partial_in_flight and self._partial_in_flight[0] <= event.utterance_id:
@@ -595,6 +650,8 @@ class Session:
 
     async def _finalize(self, ended: UtteranceEnded, ended_at: float) -> None:
         shown = self._partial_shown_for >= ended.utterance_id
+        # Dialects that announce utterances owe every one of them its end, text or not.
+        owed = self._dialect.completes_every_utterance
         if ended.speech < self._config.min_speech and not shown:
             self._drop_speculation("too little speech")
             log.debug(
@@ -603,6 +660,8 @@ class Session:
                 ended.utterance_id,
                 ended.speech,
             )
+            if owed:
+                self._put_final(ended, "")
             return
         try:
             # One deadline for the final, whether it comes from the speculation or anew.
@@ -632,23 +691,40 @@ class Session:
         if detected is not None:
             self._detected_language = detected
         if not text and not shown:
-            return  # noise, a cough: the client was never shown anything for it
+            # Noise, a cough: the client was never shown anything for it.
+            if owed:
+                self._put_final(ended, "")
+            return
         self._recent.add(ended.audio, text)
         self._utterances += 1
         self._last_final_latency = trio.current_time() - ended_at
         self._metrics.utterances.inc()
         self._metrics.final_latency.observe(self._last_final_latency)
-        self._outbox.put_final(
-            completed_message(
-                text,
-                ended.utterance_id,
-                ended.start,
-                ended.end,
-                language=detected,
-                language_probability=transcript.language_probability if transcript else None,
-            ),
-            ended.utterance_id,
+        self._put_final(
+            ended,
+            text,
+            language=detected,
+            language_probability=transcript.language_probability if transcript else None,
         )
+
+    def _put_final(
+        self,
+        ended: UtteranceEnded,
+        text: str,
+        *,
+        language: str | None = None,
+        language_probability: float | None = None,
+    ) -> None:
+        messages = self._dialect.final(
+            text,
+            ended.utterance_id,
+            ended.start,
+            ended.end,
+            language=language,
+            language_probability=language_probability,
+        )
+        for message in messages:
+            self._outbox.put_final(message, ended.utterance_id)
 
     async def _transcribe_final(
         self, audio: np.ndarray, options: TranscribeOptions
@@ -687,9 +763,11 @@ class Session:
                 why,
                 extra=self._fields("error", error_code=ErrorCode.TRANSCRIPTION_FAILED.value),
             )
-        self._send_error(
-            ErrorCode.TRANSCRIPTION_FAILED,
-            f"utterance {utterance_id} could not be transcribed: {why}",
+        self._metrics.errors.labels(ErrorCode.TRANSCRIPTION_FAILED.value).inc()
+        self._put_all(
+            self._dialect.failed(
+                utterance_id, f"utterance {utterance_id} could not be transcribed: {why}"
+            )
         )
 
     async def _partials(self) -> None:
@@ -720,8 +798,11 @@ class Session:
             self._metrics.partial_latency.observe(self._last_partial_latency)
             self._partial_shown_for = due.utterance_id
             self._observe_cadence(due.utterance_id)
+            # Rendered when the emitter takes it: a dialect that appends (OpenAI's deltas)
+            # computes it against what the client has really been sent.
             self._outbox.put_partial(
-                realtime_message(transcript.text, due.utterance_id), due.utterance_id
+                functools.partial(self._dialect.partial, transcript.text, due.utterance_id),
+                due.utterance_id,
             )
 
     def _observe_cadence(self, utterance_id: int) -> None:

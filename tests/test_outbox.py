@@ -1,5 +1,6 @@
 import pytest
 import trio
+import trio.testing
 
 from stt_server.outbox import Outbox, OutboxOverflow
 
@@ -63,3 +64,30 @@ async def test_the_outbox_is_bounded_in_bytes_as_well_as_in_messages() -> None:
     assert await box.get() == "é" * 30
     box.put("x" * 100)  # what was read no longer counts
     assert box.pending == 1
+
+
+async def test_a_partial_is_rendered_only_when_it_is_taken() -> None:
+    box = Outbox(max_pending=10, max_bytes=1 << 20)
+    rendered: list[str] = []
+
+    def render(text: str) -> str | None:
+        rendered.append(text)
+        return None if text == "nothing" else text
+
+    box.put_partial(lambda: render("replaced"), 1)
+    box.put_partial(lambda: render("nothing"), 1)
+    box.put("f0")
+    assert await box.get() == "f0"
+    assert rendered == []  # neither while reliable messages go first, nor once replaced
+    got = []
+
+    async def take() -> None:
+        got.append(await box.get())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            await trio.testing.wait_all_tasks_blocked()
+            assert rendered == ["nothing"] and got == []  # rendered to nothing: still waiting
+            box.put_partial(lambda: render("p1"), 1)
+    assert got == ["p1"] and rendered == ["nothing", "p1"]
