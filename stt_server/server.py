@@ -37,6 +37,7 @@ from .auth import (
 from .config import Config
 from .control import ControlServer, resolve_socket_path
 from .devices import Device, DevicePool, open_pool
+from .dialect import Dialect, NativeDialect
 from .engine import SpeechModel
 from .errors import CloseCode, ErrorCode, excerpt
 from .http import (
@@ -50,8 +51,8 @@ from .http import (
     respond,
 )
 from .metrics import Metrics
-from .protocol import error_message
 from .ratelimit import KeyedLimiter
+from .realtime_protocol import dialect_for
 from .session import (
     CLOSE_TIMEOUT,
     INTERNAL_ERROR_MESSAGE,
@@ -98,6 +99,8 @@ class _Connection:
     peer: str
     peer_ip: str
     ws: WebSocketConnection | None = None
+    #: What the WebSocket speaks, chosen by the request's path (see realtime_protocol).
+    dialect: Dialect = attrs.Factory(NativeDialect)
     session_id: str | None = None
     answered: bool = False  # an HTTP response has been sent
 
@@ -352,7 +355,7 @@ class Server:
             with contextlib.suppress(Exception):
                 if connection.ws is not None:
                     await connection.ws.send_message(
-                        error_message(ErrorCode.INTERNAL_ERROR.value, INTERNAL_ERROR_MESSAGE)
+                        connection.dialect.error(ErrorCode.INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE)
                     )
                     with trio.move_on_after(close_wait):
                         await connection.ws.aclose(int(CloseCode.INTERNAL_ERROR), "internal error")
@@ -370,7 +373,7 @@ class Server:
                 if accepted is not None:
                     ws, client, refusal = accepted
                     if refusal is not None:
-                        await self._refuse(ws, client, refusal)
+                        await self._refuse(ws, client, refusal, connection.dialect)
                     else:
                         await self._serve_client(ws, client, connection)
             except Exception as exc:
@@ -435,6 +438,7 @@ class Server:
                             with_body=head.method != "HEAD",
                         )
                         return None
+                    connection.dialect = dialect_for(head, self.config)
                     creds = credentials(head)
                     client = Client(
                         connection.peer,
@@ -536,17 +540,18 @@ class Server:
             },
         )
 
-    async def _refuse(self, ws: WebSocketConnection, client: Client, refusal: Refusal) -> None:
-        """Tell a client why it cannot have a session, then close without lingering: a refused
-        client gets ``REFUSAL_CLOSE_WAIT`` to answer the close, not a socket to hold."""
+    async def _refuse(
+        self, ws: WebSocketConnection, client: Client, refusal: Refusal, dialect: Dialect
+    ) -> None:
+        """Tell a client why it cannot have a session (in its protocol's words), then close
+        without lingering: a refused client gets ``REFUSAL_CLOSE_WAIT`` to answer the close,
+        not a socket to hold."""
         self._count_refusal(refusal.reason, client, refusal.message)
         self.metrics.errors.labels(refusal.code.value).inc()
         with trio.move_on_after(REFUSAL_CLOSE_WAIT):
             try:
                 await ws.send_message(
-                    error_message(
-                        refusal.code.value, refusal.message, retry_after=refusal.retry_after
-                    )
+                    dialect.error(refusal.code, refusal.message, retry_after=refusal.retry_after)
                 )
             except ConnectionClosed:
                 return
@@ -555,13 +560,14 @@ class Server:
     async def _serve_client(
         self, ws: WebSocketConnection, client: Client, connection: _Connection
     ) -> None:
+        dialect = connection.dialect
         refusal = self._check_capacity()
         if refusal is not None:
-            await self._refuse(ws, client, refusal)
+            await self._refuse(ws, client, refusal, dialect)
             return
         with self._session_slots(client) as refusal:
             if refusal is not None:
-                await self._refuse(ws, client, refusal)
+                await self._refuse(ws, client, refusal, dialect)
                 return
             session_id = connection.session_id = secrets.token_hex(8)
             self._admitting += 1
@@ -571,13 +577,15 @@ class Server:
                 self._admitting -= 1
             if isinstance(placed, Decision):
                 assert placed.refusal is not None
-                await self._refuse(ws, client, Refusal(placed.refusal, placed.message))
+                await self._refuse(ws, client, Refusal(placed.refusal, placed.message), dialect)
                 return
             if self._draining:
                 # Draining began while this client waited for GPU readings; it was not among
                 # the sessions told to finish, so it must not start.
                 self.pool.release(session_id, placed)
-                await self._refuse(ws, client, Refusal(RefusalReason.DRAINING, _DRAINING_MESSAGE))
+                await self._refuse(
+                    ws, client, Refusal(RefusalReason.DRAINING, _DRAINING_MESSAGE), dialect
+                )
                 return
             self._placement[session_id] = placed
             try:
@@ -592,6 +600,7 @@ class Server:
                     language_check=self._language_check,
                     metrics=self.metrics,
                     token_label=client.label,
+                    dialect=dialect,
                 )
                 self.sessions[session_id] = session
                 self._accepted += 1
