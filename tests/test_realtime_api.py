@@ -24,6 +24,7 @@ from stt_server.auth import new_token, tokens_file_line
 from stt_server.config import Config
 from stt_server.loadtest.client import stream_audio
 from stt_server.loadtest.wer import normalize, word_error_rate
+from stt_server.realtime_protocol import g711_to_pcm16
 from stt_server.server import serve
 
 from .conftest import DATA, receive_until_closed
@@ -352,5 +353,50 @@ def test_the_readme_shows_the_example_as_it_is_tested() -> None:
     readme = (EXAMPLE.parent.parent.parent / "README.md").read_text()
     if "docs/examples/openai_realtime.py" not in readme:
         pytest.skip("the OpenAI Realtime section is not in README.md yet")
-    code = EXAMPLE.read_text().split('"""\n', 2)[2].strip()
+    code = EXAMPLE.read_text().split('"""', 2)[2].strip()
     assert code in readme
+
+
+def to_ulaw(samples: np.ndarray) -> bytes:
+    """16 kHz int16 as G.711 μ-law at 8 kHz: each sample the code whose value is nearest."""
+    audio = soxr.resample(samples.astype(np.float32) / 32768, 16000, 8000)
+    pcm = np.clip(audio * 32768, -32768, 32767)
+    table = np.frombuffer(g711_to_pcm16(bytes(range(256)), "pcmu"), "<i2").astype(np.float32)
+    order = np.argsort(table)
+    ranks = np.clip(np.searchsorted(table[order], pcm), 1, 255)
+    nearer_below = pcm - table[order][ranks - 1] < table[order][ranks] - pcm
+    return order[np.where(nearer_below, ranks - 1, ranks)].astype(np.uint8).tobytes()
+
+
+async def test_the_older_beta_shape_with_g711_and_manual_commits(running_server, clip) -> None:
+    """A client of the Realtime API's beta: the ``OpenAI-Beta`` header, the older
+    ``transcription_session.update``, μ-law audio at 8 kHz."""
+    ulaw = to_ulaw(clip("ldc93s1.wav"))
+    beta = [("OpenAI-Beta", "realtime=v1")]
+    with trio.fail_after(DEADLINE):
+        async with open_websocket_url(realtime_url(running_server), extra_headers=beta) as ws:
+            created = json.loads(await ws.get_message())
+            update = {
+                "type": "transcription_session.update",
+                "session": {
+                    "input_audio_format": "g711_ulaw",
+                    "input_audio_transcription": {"model": "gpt-4o-transcribe", "language": "en"},
+                    "turn_detection": None,
+                },
+            }
+            await ws.send_message(json.dumps(update))
+            updated = json.loads(await ws.get_message())
+            for i in range(0, len(ulaw), 800):  # 100 ms
+                event = {"type": "input_audio_buffer.append", "audio": b64(ulaw[i : i + 800])}
+                await ws.send_message(json.dumps(event))
+            await ws.send_message('{"type":"input_audio_buffer.commit"}')
+            while (event := json.loads(await ws.get_message()))["type"] != (
+                "conversation.item.input_audio_transcription.completed"
+            ):
+                pass
+    assert created["type"] == "transcription_session.created"
+    assert created["session"]["input_audio_format"] == "pcm16"
+    assert updated["type"] == "transcription_session.updated"
+    assert updated["session"]["input_audio_format"] == "g711_ulaw"
+    assert updated["session"]["turn_detection"] is None
+    assert "suit" in event["transcript"].lower()

@@ -2,6 +2,7 @@
 
 import itertools
 
+import attrs
 import numpy as np
 import pytest
 
@@ -175,3 +176,61 @@ def test_no_pause_is_announced_for_a_flush_or_a_length_cut() -> None:
     events = feed(seg, [0.9] * secs(6.0))  # max_utterance 5 s: a hard cut, no silence
     assert not any(isinstance(e, SpeechPaused | SpeechResumed) for e in events)
     assert not any(isinstance(e, SpeechPaused) for e in seg.flush())
+
+
+# --- what the OpenAI dialect asks of the segmenter ------------------------------------------------
+
+
+def test_utterance_starts_are_announced_when_asked_with_the_pad_included() -> None:
+    seg = Segmenter(attrs.evolve(SETTINGS, report_starts=True))
+    events = feed(seg, [0.0] * secs(1.0) + [0.9] * secs(5.5))
+    kinds = [type(e).__name__ for e in events if not isinstance(e, PartialDue)]
+    # The first opens on speech; the cut at max_utterance opens the second at once.
+    assert kinds == ["UtteranceStarted", "UtteranceEnded", "UtteranceStarted"]
+    first, cut, second = (e for e in events if not isinstance(e, PartialDue))
+    assert first.utterance_id == 1 and first.start == pytest.approx(1.0 - 0.3, abs=2 * W)
+    assert events.index(first) < min(events.index(e) for e in events if isinstance(e, PartialDue))
+    assert second.utterance_id == 2 and second.start == pytest.approx(cut.end, abs=1e-9)
+    # Off (the native protocol), nothing new is said.
+    quiet = Segmenter(SETTINGS)
+    assert not [e for e in feed(quiet, [0.9] * secs(1)) if not isinstance(e, PartialDue)]
+
+
+def test_without_endpointing_only_a_flush_ends_an_utterance() -> None:
+    seg = Segmenter(attrs.evolve(SETTINGS, endpointing=False))
+    events = feed(seg, [0.9] * secs(1.0) + [0.0] * secs(2.0) + [0.9] * secs(1.0))
+    assert not [e for e in events if not isinstance(e, PartialDue)]  # no pause, no end
+    (utt,) = seg.flush()
+    assert utt.start == pytest.approx(0.0, abs=2 * W) and utt.end == pytest.approx(4.0, abs=2 * W)
+
+
+def test_endpointing_can_change_mid_session() -> None:
+    seg = Segmenter(SETTINGS)
+    seg.configure(attrs.evolve(SETTINGS, min_silence=2.0, speech_pad=0.1))
+    assert ended(feed(seg, [0.9] * secs(1.0) + [0.0] * secs(1.0))) == []  # 1 s is no end now
+    (utt,) = ended(feed(seg, [0.0] * secs(1.1)))
+    assert utt.end - utt.start == pytest.approx(1.0 + 0.1, abs=2 * W)
+    with pytest.raises(ValueError):
+        seg.configure(attrs.evolve(SETTINGS, max_utterance=10.0))  # the buffer is sized
+
+
+def test_discard_drops_the_open_utterance_and_time_goes_on() -> None:
+    seg = Segmenter(SETTINGS)
+    feed(seg, [0.9] * secs(1.0))
+    assert seg.discard() == 1 and seg.open_utterance_id is None
+    assert seg.discard() is None
+    feed(seg, [0.0] * secs(0.5) + [0.9] * secs(1.0))
+    (utt,) = seg.flush()
+    assert utt.utterance_id == 2  # ids never repeat
+    assert utt.start == pytest.approx(1.5 - 0.3, abs=2 * W)  # the session's clock went on
+
+
+def test_an_empty_utterance_takes_the_next_id_and_ends_now() -> None:
+    seg = Segmenter(SETTINGS)
+    feed(seg, [0.0] * secs(2.0))
+    empty = seg.empty_utterance()
+    assert (empty.utterance_id, empty.audio.size, empty.speech) == (1, 0, 0.0)
+    assert empty.reason == "flush"
+    assert empty.start == empty.end == pytest.approx(2.0, abs=W)
+    feed(seg, [0.9] * secs(1.0))
+    assert seg.open_utterance_id == 2
