@@ -343,6 +343,29 @@ class Config:
     )
     keyfile: str = _setting("", "TLS private key (PEM), if not inside certfile", metavar="PATH")
 
+    # --- OpenAI-compatible file API (POST /v1/audio/transcriptions, /translations) ----------
+    max_upload_size: int = _setting(
+        25 * MiB,
+        "largest audio file accepted by the file API, in bytes (OpenAI's own limit is 25 MiB); "
+        "a larger declared Content-Length is refused before the body is read",
+        validator=_positive,
+    )
+    max_upload_seconds: float = _setting(
+        3600.0, "longest audio accepted by the file API, in seconds", validator=_positive
+    )
+    upload_timeout: float = _setting(
+        300.0,
+        "seconds a client has to send the whole body of a file request (slow senders are "
+        "answered 408 and dropped)",
+        validator=_positive,
+    )
+    max_uploads: int = _setting(
+        4,
+        "file requests served at once (receiving, decoding or transcribing; each holds its "
+        "file in memory); more get 503 with Retry-After",
+        validator=_positive,
+    )
+
     # --- operations -----------------------------------------------------------------------
     control_socket: str = _setting(
         "/run/stt-server/control.sock",

@@ -168,7 +168,14 @@ class FileApi:
             response.status,
             audio_seconds,
             elapsed,
-            extra={"event": "file_request", "peer": peer, "status": response.status},
+            extra={
+                "event": "file_request",
+                "peer": peer,
+                "endpoint": endpoint_label(head),
+                "status": response.status,
+                "audio_s": round(audio_seconds, 2),
+                "duration_s": round(elapsed, 2),
+            },
         )
         return self._count(head, response)
 

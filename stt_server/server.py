@@ -51,6 +51,8 @@ from .http import (
     respond,
 )
 from .metrics import Metrics
+from .openai_files import FileApi, is_file_route
+from .openai_schema import ApiError
 from .ratelimit import KeyedLimiter
 from .realtime_protocol import dialect_for
 from .session import (
@@ -103,6 +105,8 @@ class _Connection:
     dialect: Dialect = attrs.Factory(NativeDialect)
     session_id: str | None = None
     answered: bool = False  # an HTTP response has been sent
+    #: A file API request's head and the bytes read with it, served after the handshake.
+    file_request: tuple[RequestHead, bytes] | None = None
 
     def describe(self) -> str:
         return f"session {self.session_id} ({self.peer})" if self.session_id else self.peer
@@ -141,6 +145,22 @@ class Client:
         return f"{who} ({self.label})" if self.label else who
 
 
+def _file_api_error(early: Response | Refusal) -> ApiError:
+    """A refusal decided for sessions, in the file API's terms (status, Retry-After)."""
+    token_needed = "a valid token is required: send it as 'Authorization: Bearer <token>'"
+    if isinstance(early, Response):  # 401 for a client without Origin, 403 for a foreign origin
+        if early.status == 401:
+            return ApiError(401, token_needed, code="invalid_api_key")
+        return ApiError(early.status, "this origin is not allowed", code="origin_not_allowed")
+    if early.reason is RefusalReason.UNAUTHORIZED:
+        return ApiError(401, token_needed, code="invalid_api_key")
+    if early.code is ErrorCode.RATE_LIMITED:
+        return ApiError(
+            429, early.message, code="rate_limit_exceeded", retry_after=early.retry_after
+        )
+    return ApiError(503, early.message, code=early.code.value, retry_after=early.retry_after)
+
+
 #: Kicked clients remembered for the operator's console; older ones are forgotten.
 _KICKED_HISTORY = 100
 
@@ -162,6 +182,7 @@ class Server:
         self.metrics = metrics
         metrics.attach(self.statistics)
         self._routes = Routes(health=self.health, metrics=metrics.render)
+        self._files = FileApi(config, pool, metrics, multilingual=multilingual)
         self._vad_model = vad_model
         self._model_name = model_name
         self._language_check = LanguageCheck(multilingual)
@@ -264,6 +285,7 @@ class Server:
         with trio.move_on_after(self.config.shutdown_grace):
             while self.sessions:
                 await self._session_ended.park()
+            await self._files.wait_idle()  # files being transcribed get the same grace
         request = CloseRequest(CloseCode.GOING_AWAY, ErrorCode.GOING_AWAY, "server shutting down")
         for session in list(self.sessions.values()):
             session.close(request)
@@ -370,7 +392,9 @@ class Server:
         async with trio.open_nursery() as nursery:
             try:
                 accepted = await self._handshake(nursery, stream, connection)
-                if accepted is not None:
+                if connection.file_request is not None:
+                    await self._serve_file_request(stream, connection, *connection.file_request)
+                elif accepted is not None:
                     ws, client, refusal = accepted
                     if refusal is not None:
                         await self._refuse(ws, client, refusal, connection.dialect)
@@ -430,6 +454,11 @@ class Server:
             with trio.move_on_after(self.config.handshake_timeout):
                 try:
                     head, raw = await read_request_head(stream)
+                    if is_file_route(head) and not head.is_websocket:
+                        # Served once this slot and deadline are given back: they bound the
+                        # head, and a file's body may take minutes (upload_timeout).
+                        connection.file_request = (head, raw)
+                        return None
                     if not head.is_websocket:
                         await self._answer(
                             stream,
@@ -511,6 +540,34 @@ class Server:
                 retry_after=None,
             )
         return None
+
+    async def _serve_file_request(
+        self, stream: trio.abc.Stream, connection: _Connection, head: RequestHead, raw: bytes
+    ) -> None:
+        """``POST /v1/audio/...`` (see :mod:`.openai_files`) behind a session's checks: the
+        connection rate and the token (:meth:`_check_before_upgrade`), the drain, and the
+        per-address and per-token session counts, in which a file holds a place while it is
+        served. Refusals are answered in the OpenAI error format."""
+        client = Client(
+            connection.peer,
+            client_ip(connection.peer_ip, head, self._trusted_proxies, self.config.real_ip_header),
+            self._tokens.label_for(credentials(head).token) if self._tokens else None,
+        )
+        early = self._check_before_upgrade(head, client)
+        if early is None and self._draining:
+            early = Refusal(RefusalReason.DRAINING, _DRAINING_MESSAGE)
+        if early is None:
+            with self._session_slots(client) as early:
+                if early is None:
+                    response = await self._files.serve(stream, head, raw, peer=client.describe())
+                    if response is not None:
+                        connection.answered = True
+                        await self._files.answer(stream, response)
+                    return
+        if isinstance(early, Refusal):
+            self._count_refusal(early.reason, client, early.message)
+        connection.answered = True
+        await self._files.answer(stream, self._files.refuse(head, _file_api_error(early)))
 
     async def _answer(
         self,
