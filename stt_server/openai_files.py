@@ -228,7 +228,12 @@ class FileApi:
             parts = parse_form(body.data, boundary)
         except MultipartError as exc:
             raise ApiError(400, str(exc)) from None
-        request = parse_request(parts, task=ROUTES[head.path], multilingual=self._multilingual)
+        request = parse_request(
+            parts,
+            task=ROUTES[head.path],
+            multilingual=self._multilingual,
+            default_language=self._config.language,
+        )
         if len(request.audio) > self._config.max_upload_size:
             raise ApiError(
                 413,

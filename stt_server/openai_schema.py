@@ -64,6 +64,10 @@ LANGUAGE_NAMES = {
     "yue": "cantonese",
 }  # fmt: skip
 
+#: The ``language`` that asks for detection, as in the native protocol (OpenAI's API detects
+#: when ``language`` is left out; here that depends on the server's ``language`` setting).
+DETECT = "auto"
+
 #: Fields this API reads; the rest are ignored (see the module docstring).
 _KNOWN = {"file", "model", "language", "prompt", "response_format", "temperature", "stream"}
 _GRANULARITY_FIELDS = ("timestamp_granularities[]", "timestamp_granularities")
@@ -134,8 +138,12 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
     return ApiError(400, message, param=param, code=code)
 
 
-def parse_request(parts: Sequence[Part], *, task: str, multilingual: bool) -> FileRequest:
-    """Check the form of a file request; :class:`ApiError` (400) says what is wrong with it."""
+def parse_request(
+    parts: Sequence[Part], *, task: str, multilingual: bool, default_language: str | None = None
+) -> FileRequest:
+    """Check the form of a file request; :class:`ApiError` (400) says what is wrong with it.
+    ``default_language`` (the server's ``language`` setting; None: detect) applies when the
+    request names none, as it does for a session that sends none."""
     fields: dict[str, str] = {}
     granularities: list[str] = []
     files: list[Part] = []
@@ -179,7 +187,9 @@ def parse_request(parts: Sequence[Part], *, task: str, multilingual: bool) -> Fi
         audio=files[0].data,
         filename=files[0].filename,
         model=fields.get("model", "").strip() or None,
-        language=_language(fields.get("language", ""), multilingual=multilingual),
+        language=_language(
+            fields.get("language", ""), multilingual=multilingual, default=default_language
+        ),
         prompt=fields.get("prompt", "").strip() or None,
         response_format=response_format,
         temperature=_temperature(fields.get("temperature", "")),
@@ -198,9 +208,12 @@ def _short(part: Part, limit: int) -> str:
     return text
 
 
-def _language(value: str, *, multilingual: bool) -> str | None:
+def _language(value: str, *, multilingual: bool, default: str | None) -> str | None:
     code = value.strip().lower()
     if not code:
+        # English-only models know one language, whatever the setting says.
+        code = (default or DETECT) if multilingual else "en"
+    if code == DETECT:
         return None if multilingual else "en"
     if code not in LANGUAGE_NAMES:
         raise _invalid(

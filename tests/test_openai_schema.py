@@ -41,9 +41,26 @@ def test_defaults_of_a_minimal_request() -> None:
     assert checked.prompt is None and checked.temperature is None
     assert checked.granularities == frozenset()
     assert bytes(checked.audio) == b"RIFF....WAVE" and checked.filename == "speech.wav"
-    # A multilingual model detects the language unless it is given.
+    # A multilingual model detects the language unless it is given, or the server's default.
     assert request(multilingual=True).language is None
     assert request(field("language", "DE"), multilingual=True).language == "de"
+    assert request(field("language", "auto"), multilingual=True).language is None
+    assert request(field("language", "auto")).language == "en"
+
+
+def test_the_servers_language_setting_is_the_default() -> None:
+    def language(*parts: Part, default: str | None, multilingual: bool = True) -> str | None:
+        checked = parse_request(
+            [AUDIO, *parts], task="transcribe", multilingual=multilingual, default_language=default
+        )
+        return checked.language
+
+    assert language(default="fr") == "fr"
+    assert language(default=None) is None  # language = "": detect
+    assert language(field("language", "de"), default="fr") == "de"
+    assert language(field("language", "auto"), default="fr") is None
+    assert language(default="en", multilingual=False) == "en"
+    assert language(default=None, multilingual=False) == "en"
 
 
 def test_granularities_arrive_as_the_openai_client_sends_them() -> None:
