@@ -484,3 +484,27 @@ async def test_translation_and_detection_on_the_multilingual_model(
     assert heard.text  # base hears espeak's German only roughly: "Café", "Kaffee"...
     assert translated.language == "english" and translated.task == "translate"
     assert SPOKEN["de"][1] <= set(normalize(translated.text).split())
+
+
+async def test_files_go_to_a_device_whose_breaker_is_closed(nursery, speech_model) -> None:
+    """Two simulated GPUs: with one breaker open the file runs on the other; with both open
+    the client is told to come back (503, Retry-After)."""
+    server = await start(nursery, speech_model, simulate_gpus="24576:2000,24576:2000")
+    first, second = server.pool.devices
+    first.breaker.trip("test")
+    api = client(server.port)
+    ldc = DATA / "ldc93s1.wav"
+    with trio.fail_after(DEADLINE):
+        result = await call(api.audio.transcriptions.create, file=ldc, model="m")
+        assert "suit" in result.text
+        assert (
+            first.engine.statistics().uploads_done,
+            second.engine.statistics().uploads_done,
+        ) == (
+            0,
+            1,
+        )
+        second.breaker.trip("test")
+        with pytest.raises(openai.InternalServerError, match="no device is available") as busy:
+            await call(api.audio.transcriptions.create, file=ldc, model="m")
+    assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "5"
