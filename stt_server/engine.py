@@ -15,7 +15,9 @@ still keep the other workers busy. Partials are served round-robin across sessio
 that asks again goes to the back of the line, so a talkative client cannot starve the rest.
 
 Uploads (files sent to the OpenAI-compatible file API) come last: after every live request, and
-only on the workers partials may use, so a file never holds the worker kept for finals.
+only on the workers partials may use, so a file never holds the worker kept for finals. With a
+single worker there is none kept: a final may then wait for one upload chunk (at most 30 s of
+audio) that is already running.
 
 Speculative finals (decoded while an endpoint's silence is still being waited for) rank between
 the two: after real finals, before partials, on the same workers as partials, at most one per
@@ -63,6 +65,10 @@ class TranscribeOptions:
     #: already-sent text is ``prefix``: context for the model, not part of the answer.
     context_samples: int = 0
     prefix: str | None = None
+    #: The language the context was heard in, where it was detected: when the new speech is
+    #: detected in another, the context is left out (its forced text would pull the decoder
+    #: back into the old language).
+    context_language: str | None = None
     #: A final decoded before its endpoint is certain (decoded as a final, scheduled below
     #: real finals, one per session at a time: see Engine).
     speculative: bool = False

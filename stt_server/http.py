@@ -149,8 +149,10 @@ class RequestBody:
         self._limit = limit
         self.data = bytearray()
         self.complete = False
+        self._pieces = 0
         framing = {name: value for name, value in request.headers if name in _FRAMING}
-        if b"transfer-encoding" not in framing:
+        self._chunked = b"transfer-encoding" in framing
+        if not self._chunked:
             if b"content-length" not in framing:
                 # h11 would read "no length" as an empty body; say what is missing instead.
                 raise BadRequest(411, "the request needs a Content-Length (or a chunked body)")
@@ -187,6 +189,13 @@ class RequestBody:
                         413, f"the request body is over the limit of {self._limit} bytes"
                     )
                 self.data += event.data
+                self._pieces += 1
+                if self._chunked and self._pieces > MIN_PIECES + len(self.data) // MIN_PIECE_SIZE:
+                    # Each chunk costs the event loop a few microseconds of parsing: a body of
+                    # one-byte chunks would keep it busy for minutes within the size limit.
+                    raise BadRequest(
+                        400, f"chunks of the request body average under {MIN_PIECE_SIZE} bytes"
+                    )
             elif isinstance(event, h11.EndOfMessage):
                 self.complete = True
             else:  # ConnectionClosed: the stream ended before the body did
@@ -195,6 +204,10 @@ class RequestBody:
 
 
 _FRAMING = (b"content-length", b"transfer-encoding")
+
+#: A chunked body must average at least this many bytes a chunk, after the first MIN_PIECES.
+MIN_PIECE_SIZE = 512
+MIN_PIECES = 64
 
 #: What a server sends to a client waiting on ``Expect: 100-continue`` before its body.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -155,6 +155,17 @@ class FileApi:
             response = error_response(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None  # the client went away while sending
+        except Exception:
+            # The model or a library failed on this file: the client gets OpenAI's shape for a
+            # server error (its SDK retries those), the details go to the log.
+            log.exception("file request %s from %s: internal error", head.path, peer)
+            response = error_response(
+                ApiError(
+                    500,
+                    "internal server error; the details are in the server's log",
+                    code="server_error",
+                )
+            )
         finally:
             self._active -= 1
             self._metrics.files_active.dec()
@@ -185,7 +196,12 @@ class FileApi:
         on the way (413, 401, 503) would otherwise meet a connection reset and never read why
         (a lingering close, as Apache and nginx do it)."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(response.encode())
+            # A client that stops reading must not keep this task, and its address's and
+            # token's places, forever.
+            with trio.move_on_after(self._config.send_timeout) as sending:
+                await stream.send_all(response.encode())
+            if sending.cancelled_caught:
+                return
             with trio.move_on_after(LINGER_SECONDS):
                 if isinstance(stream, trio.SocketStream):
                     await stream.send_eof()  # the answer is complete: most clients close now

@@ -484,6 +484,12 @@ class Session:
         # Checked before anything changes, so that a refused update changes nothing.
         language = self._language_check(event.language) if event.language is not None else None
         task = self._language_check.task(event.task) if event.task is not None else None
+        if (event.language is not None and language != self._language) or (
+            task is not None and task != self._task
+        ):
+            # The context's text is forced on the decoder: in the old language or task, it
+            # would pull the next finals back into them.
+            self._recent.clear()
         if event.language is not None:
             self._language = language
             self._detected_language = None
@@ -752,6 +758,7 @@ class Session:
             hotwords=self._hotwords,
             context_samples=context_samples,
             prefix=prefix,
+            context_language=self._detected_language if self._language is None else None,
         )
 
     def _report_failure(self, utterance_id: int, why: str, *, logged: bool = False) -> None:

@@ -36,6 +36,13 @@ SHORT_WINDOW_PAD = 0.5
 #: Whisper's full window in mel frames (30 s); a short window never exceeds it.
 FULL_WINDOW_FRAMES = 3000
 
+#: The decoder reads at most 448 tokens, its prompt included. Budgets for what goes before the
+#: speech, leaving at least 448 - 2 * 8 - 120 - 40 - 160 = 112 tokens for the answer (about
+#: 28 s of fast speech): the client's prompt, its hotwords, the context's text.
+MAX_PROMPT_TOKENS = 120
+MAX_HOTWORD_TOKENS = 40
+MAX_PREFIX_TOKENS = 160
+
 #: Token budget of a short-window decode per second of audio (read speech is ~4 tokens a
 #: second, timestamps included); a looping decoder runs out instead of filling 448 tokens.
 TOKENS_PER_SECOND = 7
@@ -117,6 +124,19 @@ class WhisperModel:
             # English-only models know one language and one task; translating English into
             # English is transcribing it.
             options = attrs.evolve(options, language="en", task="transcribe")
+        options = self._within_budget(options)
+        if options.language is None and options.context_samples:
+            # faster-whisper would detect on the first 30 s, mostly the context: a speaker who
+            # changes language would be heard in the old one. Detect on the new speech alone.
+            speech = audio[options.context_samples :]
+            language, probability, _ = self._model.detect_language(speech)
+            if options.context_language not in (None, language):
+                # The context's forced text would pull the decoder back into the old language.
+                options = attrs.evolve(options, prefix=None)
+            recognized = self.transcribe(audio, attrs.evolve(options, language=language))
+            return attrs.evolve(
+                recognized, language=language, language_probability=round(probability, 3)
+            )
         short = not options.final and self.short_partials and not options.timestamps
         if short and options.language is not None:
             speech = audio[options.context_samples :]
@@ -138,6 +158,26 @@ class WhisperModel:
             else:
                 log.debug("context prefix not echoed; transcribing without context")
         return self._decode(audio[options.context_samples :], options, prefix=None)
+
+    def _tokens(self, text: str) -> list[int]:
+        return self._model.hf_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _within_budget(self, options: TranscribeOptions) -> TranscribeOptions:
+        """Keep the decoder's prompt (the client's prompt, hotwords, the context's text) within
+        ``PROMPT_BUDGET`` tokens. faster-whisper caps each at 223 but not their sum, and the
+        decoder holds 448 in all: past that every decode fails, and what is left for the
+        answer shrinks long before. The client's prompt keeps its last words (nearest the
+        speech), hotwords their first; a context that does not fit is left out."""
+        prompt, hotwords = options.prompt, options.hotwords
+        if prompt and len(tokens := self._tokens(" " + prompt.strip())) > MAX_PROMPT_TOKENS:
+            prompt = self._model.hf_tokenizer.decode(tokens[-MAX_PROMPT_TOKENS:]).strip()
+        if hotwords and len(tokens := self._tokens(" " + hotwords.strip())) > MAX_HOTWORD_TOKENS:
+            hotwords = self._model.hf_tokenizer.decode(tokens[:MAX_HOTWORD_TOKENS]).strip()
+        options = attrs.evolve(options, prompt=prompt, hotwords=hotwords)
+        if options.prefix and len(self._tokens(" " + options.prefix.strip())) > MAX_PREFIX_TOKENS:
+            log.debug("context text over %d tokens; transcribing without it", MAX_PREFIX_TOKENS)
+            options = attrs.evolve(options, prefix=None)
+        return options
 
     def _tokenizer(self, language: str, task: str):
         from faster_whisper.tokenizer import Tokenizer

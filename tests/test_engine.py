@@ -27,6 +27,7 @@ from .conftest import receive_until_closed, wait_until
 
 FINAL = TranscribeOptions(final=True)
 PARTIAL = TranscribeOptions(final=False)
+UPLOAD = TranscribeOptions(final=True, upload=True)
 
 
 @attrs.define
@@ -40,7 +41,8 @@ class GatedModel:
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
         self.threads.add(threading.get_ident())
         self.gate.wait(10)
-        label = f"{'final' if options.final else 'partial'}:{int(audio[0])}"
+        kind = "upload" if options.upload else "final" if options.final else "partial"
+        label = f"{kind}:{int(audio[0])}"
         self.calls.append(label)
         if self.fail_with is not None:
             raise self.fail_with
@@ -92,6 +94,36 @@ async def test_finals_jump_the_queue_and_partials_coalesce_per_session() -> None
     assert results["c-final"].text == "final:4"
     assert results["c-final"].queued >= 0 and results["c-final"].inference >= 0
     assert engine.statistics().partials_superseded == 1
+
+
+async def test_uploads_come_after_live_requests_and_never_take_the_finals_worker() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=2)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "upload-1", 1, UPLOAD, "file-1")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "upload-2", 2, UPLOAD, "file-2")
+        await trio.testing.wait_all_tasks_blocked()
+        # The second upload waits although a worker is free: that one is kept for finals.
+        assert (engine.statistics().busy, engine.statistics().queued_uploads) == (1, 1)
+        nursery.start_soon(ask, "partial", 3, PARTIAL, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "final", 4, FINAL, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        # The final runs at once beside the upload; the partial waits for the upload's slot.
+        stats = engine.statistics()
+        assert (stats.busy, stats.queued_partials, stats.queued_uploads) == (2, 1, 1)
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 4)
+        nursery.cancel_scope.cancel()
+    # Once the slot is free, the live partial goes before the waiting file.
+    assert model.calls.index("partial:3") < model.calls.index("upload:2")
+    assert engine.statistics().uploads_done == 2
 
 
 async def test_a_cancelled_waiter_takes_its_request_out_of_the_queue() -> None:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -25,62 +22,12 @@ import trio
 from stt_server import modelfiles
 from stt_server.config import Config
 from stt_server.engine import Recognition, TranscribeOptions
-from stt_server.loadtest.client import read_wav, stream_audio
+from stt_server.loadtest.client import connect, stream_audio
+from stt_server.loadtest.wer import word_error_rate
 from stt_server.protocol import ConfigUpdate, parse_client_message
 from stt_server.server import serve
-from stt_server.whisper import WhisperModel
 
-from .conftest import receive_until_closed
-
-#: Sentences in the languages the tests speak, with words a right translation contains. Whisper
-#: base hears espeak-ng's robotic voices poorly; these are sentences it gets (measured: detected
-#: with probability 0.90 and 0.92, and "coffee" in both translations).
-SPOKEN = {
-    "fr": ("Bonjour. Je voudrais un café et un croissant, s'il vous plaît.", {"coffee"}),
-    "de": ("Ich trinke jeden Morgen eine Tasse Kaffee.", {"coffee"}),
-}
-
-
-def part(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    assert spec is not None, f"{name} missing: the test extra installs stt-server[multilingual]"
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="session")
-def joined(model_cache: Path) -> Path:
-    return modelfiles.assemble_multilingual(model_cache)
-
-
-@pytest.fixture(scope="session")
-def multilingual_model(joined: Path) -> WhisperModel:
-    model = WhisperModel.load(Config(model=str(joined)), device="cpu")
-    assert model.is_multilingual
-    return model
-
-
-@pytest.fixture(scope="session")
-def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
-    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-        pytest.fail(
-            "espeak-ng and sox are required (Debian packages); the test command installs them"
-        )
-    out = tmp_path_factory.mktemp("spoken")
-    clips = {}
-    for language, (text, _) in SPOKEN.items():
-        raw, wav = out / f"{language}.raw.wav", out / f"{language}.wav"
-        subprocess.run(["espeak-ng", "-v", language, "-s", "140", "-w", str(raw), text], check=True)
-        subprocess.run(
-            ["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(wav)], check=True
-        )
-        clips[language] = read_wav(wav)
-    return clips
-
+from .conftest import SPOKEN, part, receive_until_closed, wait_until
 
 # -- the model's files ---------------------------------------------------------------------------
 
@@ -181,9 +128,14 @@ class RecordingModel:
     options: list[TranscribeOptions] = attrs.Factory(list)
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
+    def finals(self) -> list[TranscribeOptions]:
+        with self._lock:
+            return [o for o in self.options if o.final]
+
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
         with self._lock:
             self.options.append(options)
+
         return Recognition("words", language="fr" if options.language is None else None)
 
 
@@ -214,7 +166,7 @@ async def test_each_session_keeps_its_own_language_task_prompt_and_hotwords(clip
     assert asked == {(None, "translate", "Zebra Cafe", "Zebra"), ("en", "transcribe", None, None)}
     # Partials of the detecting session detect, or reuse what a final of it found.
     partials = {o.language for o in model.options if not o.final and o.task == "translate"}
-    assert partials <= {None, "fr"}, partials
+    assert partials and partials <= {None, "fr"}, partials
 
 
 def test_config_messages_carry_task_prompt_and_hotwords() -> None:
@@ -242,3 +194,85 @@ async def test_an_english_model_refuses_french_but_takes_auto(running_server) ->
             await ws.send_message(json.dumps({"type": "end"}))
             messages, code = await receive_until_closed(ws)
     assert code == 1000 and not [m for m in messages if m["type"] == "error"]
+
+
+def test_a_maximal_prompt_and_hotwords_still_leave_room_for_the_answer(speech_model, clip):
+    """1000 characters of prompt and of hotwords each (the protocol's limit) are over 250
+    tokens each, more than Whisper's 448-token decoder holds with the answer: they are cut to
+    their budgets instead of failing every decode (and opening the device's breaker)."""
+    words = [
+        "Kubernetes",
+        "Grafana",
+        "Prometheus",
+        "HAProxy",
+        "CTranslate2",
+        "WebSocket",
+        "nginx",
+        "systemd",
+    ]
+    long = " ".join(words[i % len(words)] for i in range(200))[:1000]
+    sentence = clip("ldc93s1.wav").astype(np.float32) / 32768
+    spoken = "she had your dark suit in greasy wash water all year"
+    for options in (
+        TranscribeOptions(final=True, prompt=long, hotwords=long),
+        TranscribeOptions(
+            final=True,
+            prompt=long,
+            hotwords=long,
+            context_samples=sentence.size,
+            prefix="She had your dark suit in greasy wash water all year.",
+        ),
+    ):
+        audio = np.concatenate([sentence, sentence]) if options.context_samples else sentence
+        text = speech_model.transcribe(audio, options).text
+        assert word_error_rate(spoken, text) <= 0.2, text
+
+
+def test_the_language_is_detected_on_the_new_speech_not_the_context(
+    multilingual_model, spoken
+) -> None:
+    """Ten seconds of French context in front of German speech: the German is heard."""
+    french = spoken["fr"].astype(np.float32) / 32768
+    german = spoken["de"].astype(np.float32) / 32768
+    context = np.concatenate([french, french, french])[: 10 * 16000]
+    heard = multilingual_model.transcribe(context, TranscribeOptions(final=True))
+    assert heard.language == "fr"
+    options = TranscribeOptions(
+        final=True,
+        context_samples=context.size,
+        prefix=heard.text,
+        context_language=heard.language,
+    )
+    recognized = multilingual_model.transcribe(np.concatenate([context, german]), options)
+    assert recognized.language == "de", recognized
+    # And decoded as German: the French context's text is not forced on it.
+    assert {"morgen", "tasse"} <= set(recognized.text.lower().split()), recognized
+
+
+async def test_a_new_language_or_task_starts_without_the_old_context(clip) -> None:
+    """The context's text is forced on the decoder; after a change of language or task it
+    would pull the next final back into the old one, so the session drops it."""
+    model = RecordingModel()
+    # No speculative finals: each utterance is then exactly one final request.
+    config = Config(host="127.0.0.1", port=0, control_socket="", speculative_finals=False)
+    sentence = np.concatenate([clip("ldc93s1.wav"), np.zeros(24000, dtype=np.int16)])
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(serve, config, model=model))
+        with trio.fail_after(60):
+            async with connect(f"ws://127.0.0.1:{server.port}/") as stream:
+                nursery.start_soon(drain, stream)
+                for change in (None, None, {"task": "translate"}, None, {"language": "fr"}):
+                    before = len(model.finals())
+                    if change:
+                        await stream.configure(**change)
+                    await stream.stream(sentence, speed=0, chunk_seconds=1.0)
+                    await stream.flush()
+                    await wait_until(lambda n=before: len(model.finals()) > n)
+        nursery.cancel_scope.cancel()
+    context = [o.context_samples > 0 for o in model.finals()]
+    assert context == [False, True, False, True, False], context
+
+
+async def drain(stream) -> None:
+    async for _ in stream:
+        pass

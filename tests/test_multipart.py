@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stt_server.http import BadRequest, RequestBody
+from stt_server.http import MIN_PIECES, BadRequest, RequestBody
 from stt_server.multipart import (
     MAX_PART_HEAD,
     MAX_PARTS,
@@ -221,3 +221,20 @@ def test_expect_100_continue_is_seen_until_the_body_starts() -> None:
     eager = RequestBody(HEAD + b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\nab", limit=10)
     eager.advance()
     assert not eager.expects_continue  # it sent its body without waiting: no 100 needed
+
+
+def test_a_chunked_body_of_tiny_chunks_is_refused_early() -> None:
+    """One-byte chunks would cost the event loop microseconds each for 25 MiB: refused once
+    they average under MIN_PIECE_SIZE bytes, long before the size limit."""
+    body = RequestBody(HEAD + b"Transfer-Encoding: chunked\r\n\r\n", limit=25 << 20)
+    body.advance()
+    with pytest.raises(BadRequest) as tiny:
+        for _ in range(MIN_PIECES + 2):
+            body.receive(b"1\r\nx\r\n")
+    assert tiny.value.status == 400 and "chunks" in str(tiny.value)
+    # Ordinary chunk sizes pass, however many there are.
+    body = RequestBody(HEAD + b"Transfer-Encoding: chunked\r\n\r\n", limit=25 << 20)
+    body.advance()
+    for _ in range(4 * MIN_PIECES):
+        assert not body.receive(b"400\r\n" + b"y" * 1024 + b"\r\n")
+    assert body.receive(b"0\r\n\r\n") and len(body.data) == 4 * MIN_PIECES * 1024

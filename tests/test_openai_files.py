@@ -22,11 +22,8 @@ from stt_server.loadtest.client import read_wav, stream_audio
 from stt_server.loadtest.wer import normalize, word_error_rate
 from stt_server.server import serve
 
-from .conftest import DATA, http_request, wait_until
+from .conftest import DATA, SPOKEN, http_request, wait_until
 from .test_filedecode import encode
-
-# The multilingual model's fixtures, shared by import (they load Whisper base once a module).
-from .test_multilingual import SPOKEN, joined, model_cache, multilingual_model, spoken  # noqa: F401
 from .test_multipart import BOUNDARY, form
 from .test_security import make_token
 
@@ -503,3 +500,28 @@ async def test_files_go_to_a_device_whose_breaker_is_closed(nursery, speech_mode
         with pytest.raises(openai.InternalServerError, match="no device is available") as busy:
             await call(api.audio.transcriptions.create, file=ldc, model="m")
     assert busy.value.status_code == 503 and busy.value.response.headers["retry-after"] == "5"
+
+
+class BrokenModel:
+    """Fails on every file chunk, as a model or a library failing on some input would."""
+
+    name = "broken"
+
+    def transcribe(self, audio, options):
+        if options.upload:
+            raise RuntimeError("CUDA error: an illegal memory access /opt/secret/path")
+        return ""
+
+
+async def test_a_model_failure_is_a_500_in_openais_shape_and_the_server_goes_on(nursery) -> None:
+    server = await start(nursery, BrokenModel())
+    body = form(("file", (DATA / "ldc93s1.wav").read_bytes(), "ldc93s1.wav"), ("model", b"m", None))
+    with trio.fail_after(DEADLINE):
+        status, _, answer = await http_request(server.port, request_bytes(body))
+        assert status == 500
+        error = error_of(answer)
+        assert error["code"] == "server_error" and error["type"] == "server_error"
+        # The model's own words stay in the log.
+        assert "secret" not in answer.decode()
+        status, _, _ = await http_request(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200
