@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import shlex
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from stt_server import modelfiles
 from stt_server.config import Config
 from stt_server.engine import Recognition, TranscribeOptions
 from stt_server.loadtest.client import connect, stream_audio
+from stt_server.loadtest.local import wait_until_listening
 from stt_server.loadtest.wer import word_error_rate
 from stt_server.protocol import ConfigUpdate, parse_client_message
 from stt_server.server import serve
@@ -276,3 +280,43 @@ async def test_a_new_language_or_task_starts_without_the_old_context(clip) -> No
 async def drain(stream) -> None:
     async for _ in stream:
         pass
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+async def test_the_readme_starts_a_detecting_server_on_the_packaged_model(
+    spoken, tmp_path, free_port
+) -> None:
+    """The README's command, as written (its `.venv/bin/stt-server` is this interpreter's
+    stt-server), on a fresh cache directory: the server joins the model's halves, then tells a
+    client which language it heard."""
+    section = README.read_text().split("## Languages and models", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    (install, command) = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert install == ".venv/bin/pip install '.[multilingual]'"  # what the test extra has done
+    argv = shlex.split(command)
+    assert argv[0] == ".venv/bin/stt-server"
+    argv = [sys.executable, "-m", "stt_server", *argv[1:]]
+    argv += ["--host", "127.0.0.1", "--port", str(free_port), "--control-socket", ""]
+    env = {**os.environ, "CACHE_DIRECTORY": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(trio.run_process, argv, env=env, check=False)
+        )
+        try:
+            with trio.fail_after(120):
+                while not await trio.to_thread.run_sync(wait_until_listening, free_port, 1.0):
+                    assert server.returncode is None, "the server exited"
+                result = await stream_audio(
+                    f"ws://127.0.0.1:{free_port}/",
+                    spoken["fr"],
+                    speed=0,
+                    chunk_seconds=1.0,
+                    trailing_silence=1.0,
+                )
+        finally:
+            server.terminate()
+    assert result.of_type("session")[0]["model"] == "whisper-base"
+    assert [f["language"] for f in result.finals] == ["fr"]
+    assert (next((tmp_path / "models").iterdir()) / "model.bin").is_file()
