@@ -124,7 +124,6 @@ class WhisperModel:
             # English-only models know one language and one task; translating English into
             # English is transcribing it.
             options = attrs.evolve(options, language="en", task="transcribe")
-        options = self._within_budget(options)
         if options.language is None and options.context_samples:
             # faster-whisper would detect on the first 30 s, mostly the context: a speaker who
             # changes language would be heard in the old one. Detect on the new speech alone.
@@ -133,10 +132,13 @@ class WhisperModel:
             if options.context_language not in (None, language):
                 # The context's forced text would pull the decoder back into the old language.
                 options = attrs.evolve(options, prefix=None)
-            recognized = self.transcribe(audio, attrs.evolve(options, language=language))
+            recognized = self._recognize(audio, attrs.evolve(options, language=language))
             return attrs.evolve(
                 recognized, language=language, language_probability=round(probability, 3)
             )
+        return self._recognize(audio, options)
+
+    def _recognize(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
         short = not options.final and self.short_partials and not options.timestamps
         if short and options.language is not None:
             speech = audio[options.context_samples :]
@@ -144,7 +146,9 @@ class WhisperModel:
             if not is_looping(text):
                 return Recognition(text)
             log.debug("short-window partial loops; decoding it on the full window")
-            return self._decode(speech, options, prefix=None)
+            return self._decode(speech, self._within_budget(options), prefix=None)
+        # Only here: a short-window partial reads neither the prompt nor the context's text.
+        options = self._within_budget(options)
         if options.prefix and options.context_samples and not options.timestamps:
             # Whisper decodes the context audio as the forced prefix and carries on from there;
             # the prefix comes back at the start of the text and is cut off again.
