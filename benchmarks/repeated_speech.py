@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import trio
 
 from stt_server.loadtest.client import read_wav, stream_audio
 from stt_server.loadtest.clips import CLIPS_DIR
-from stt_server.loadtest.local import free_port, wait_until_listening
+from stt_server.loadtest.local import free_port, server_command, wait_until_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(args.tree)}
-    command = [sys.executable, "-m", "stt_server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--control-socket", "", "--log-level", "warning"]
+    command = server_command(port, "--control-socket", "", "--log-level", "warning")
     server = subprocess.Popen(command, env=env, cwd=args.tree)
     try:
         if not wait_until_listening(port, 120):

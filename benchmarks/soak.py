@@ -54,10 +54,8 @@ def resident_mib(pid: int) -> float | None:
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_seconds(pid: int | None) -> float:
+def process_cpu_seconds(pid: int) -> float:
     """User + system CPU of one process (all its threads), 0 once it is gone."""
-    if pid is None:
-        return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -80,9 +78,9 @@ class Sample:
     other_cores: float
 
 
-async def sample_machine(pid: int, loadtest: list[int], interval: float, out: list[Sample]) -> None:
+async def sample_machine(pid: int, loadtest: int, interval: float, out: list[Sample]) -> None:
     start = trio.current_time()
-    last = (start, process_cpu_seconds(pid), 0.0, machine_busy_seconds())
+    last = (start, process_cpu_seconds(pid), process_cpu_seconds(loadtest), machine_busy_seconds())
     while True:
         await trio.sleep(interval)
         rss = resident_mib(pid)
@@ -90,7 +88,7 @@ async def sample_machine(pid: int, loadtest: list[int], interval: float, out: li
         cpu = (
             now,
             process_cpu_seconds(pid),
-            process_cpu_seconds(next(iter(loadtest), None)),
+            process_cpu_seconds(loadtest),
             machine_busy_seconds(),
         )
         span = cpu[0] - last[0]
@@ -103,7 +101,6 @@ async def sample_machine(pid: int, loadtest: list[int], interval: float, out: li
 
 async def soak(args: argparse.Namespace, pid: int, url: str) -> list[Sample]:
     samples: list[Sample] = []
-    loadtest_pid: list[int] = []
     last = 1 + args.clients
     cmd = [
         sys.executable,
@@ -119,8 +116,7 @@ async def soak(args: argparse.Namespace, pid: int, url: str) -> list[Sample]:
     ]
     async with trio.open_nursery() as nursery:
         process = await nursery.start(partial(trio.run_process, cmd, check=False, cwd=ROOT))
-        loadtest_pid.append(process.pid)
-        nursery.start_soon(sample_machine, pid, loadtest_pid, args.sample_interval, samples)
+        nursery.start_soon(sample_machine, pid, process.pid, args.sample_interval, samples)
         await process.wait()
         nursery.cancel_scope.cancel()
     return samples
