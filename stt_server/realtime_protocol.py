@@ -354,7 +354,7 @@ class RealtimeDialect:
             return self._update(obj.get("session"), legacy=True)
         if kind is None:
             raise InvalidMessage('event has no "type"')
-        if kind in _CONVERSATION_EVENTS:
+        if isinstance(kind, str) and kind in _CONVERSATION_EVENTS:
             raise InvalidMessage(f"{kind} is not part of a transcription session")
         raise InvalidMessage(f"unknown event type {excerpt(kind)}")
 
@@ -417,7 +417,8 @@ class RealtimeDialect:
     @staticmethod
     def _legacy_format(session: dict[str, Any]) -> tuple[str, int]:
         value = session["input_audio_format"]
-        if value not in _LEGACY_FORMATS:
+        # Checked as a string first: a list or an object in the field cannot be looked up.
+        if not isinstance(value, str) or value not in _LEGACY_FORMATS:
             raise InvalidAudio(
                 f'input_audio_format must be "pcm16", "g711_ulaw" or "g711_alaw", '
                 f"got {excerpt(value)}"
@@ -432,7 +433,7 @@ class RealtimeDialect:
         if not isinstance(value, dict):
             raise InvalidAudio(f"audio.input.format must be an object, got {excerpt(value)}")
         kind = value.get("type", "audio/pcm")
-        if kind not in _FORMAT_TYPES:
+        if not isinstance(kind, str) or kind not in _FORMAT_TYPES:
             raise InvalidAudio(
                 'audio.input.format.type must be "audio/pcm", "audio/pcmu" or "audio/pcma", '
                 f"got {excerpt(kind)}"

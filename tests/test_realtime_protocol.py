@@ -75,6 +75,18 @@ def test_append_decodes_base64_pcm16_and_commit_and_clear_map_to_session_events(
         ({"type": "input_audio_buffer.append"}, InvalidAudio, "audio"),
         ({"type": "response.create"}, InvalidMessage, "not part of a transcription session"),
         ({"type": "nonsense"}, InvalidMessage, "unknown event type"),
+        # Unhashable values where a name is looked up (found by the socket fuzzer).
+        ({"type": []}, InvalidMessage, "unknown event type"),
+        (
+            {"type": "transcription_session.update", "session": {"input_audio_format": {}}},
+            InvalidAudio,
+            "input_audio_format",
+        ),
+        (
+            {"type": "session.update", "session": {"audio": {"input": {"format": {"type": []}}}}},
+            InvalidAudio,
+            "format.type",
+        ),
         ({"audio": ""}, InvalidMessage, 'no "type"'),
         ({"type": "session.update", "session": {"type": "realtime"}}, InvalidMessage, "only"),
         ({"type": "session.update", "session": 3}, InvalidMessage, "object"),
