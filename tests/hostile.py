@@ -31,6 +31,11 @@ _TARGETS = [
     b"/static/app.js",
     b"/static/../static.py",
     b"/static/%2e%2e/%2e%2e/etc/passwd",
+    b"/v1/realtime?intent=transcription",
+    b"/v1/realtime?intent=conversation",
+    b"/v1/realtime?intent=%zz&intent",
+    b"/v1/audio/transcriptions",
+    b"/v1/audio/translations?x=%ff",
     b"/%ff%00",
     b"*",
     b"http://example.com/",
@@ -228,6 +233,98 @@ def json_message(rng: random.Random) -> str:
     if kind == 6:
         return json.dumps({"k" * rng.choice([10, 100, 5000]): 1, "type": "flush"})
     return json.dumps({"type": rng.choice(_TYPES), **{str(i): _value(rng) for i in range(3)}})
+
+
+_REALTIME_TYPES = [
+    "session.update",
+    "transcription_session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "response.create",
+    "",
+    None,
+    7,
+]
+
+
+def realtime_event(rng: random.Random) -> str:
+    """A text frame for ``/v1/realtime``: OpenAI's event shapes with junk in every field."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        audio = {"format": _value(rng), "transcription": {"language": _value(rng)}}
+        audio["turn_detection"] = rng.choice(
+            [
+                None,
+                _value(rng),
+                {
+                    "type": "server_vad",
+                    "threshold": _value(rng),
+                    "silence_duration_ms": _value(rng),
+                    "prefix_padding_ms": _value(rng),
+                },
+            ]
+        )
+        session = {"type": rng.choice(["transcription", "realtime", _value(rng)])}
+        session["audio"] = {"input": audio} if rng.random() < 0.8 else _value(rng)
+        return json.dumps({"type": "session.update", "event_id": _value(rng), "session": session})
+    if kind == 1:
+        fields = {k: _value(rng) for k in ("input_audio_format", "turn_detection")}
+        fields["input_audio_transcription"] = {"prompt": _value(rng), "model": _value(rng)}
+        return json.dumps({"type": "transcription_session.update", "session": fields})
+    if kind == 2:
+        data = rng.choice(
+            [base64.b64encode(_junk(rng, rng.randrange(0, 999))).decode(), _value(rng), "!!!"]
+        )
+        return json.dumps({"type": "input_audio_buffer.append", "audio": data})
+    if kind == 3:
+        return json.dumps({"type": rng.choice(_REALTIME_TYPES), "event_id": _value(rng)})
+    return json_message(rng)
+
+
+def native_config(rng: random.Random) -> str:
+    """A native ``config`` with junk in the language, task, prompt and hotwords fields."""
+    fields = ("language", "task", "prompt", "hotwords", "sample_rate")
+    return json.dumps({"type": "config", **{k: _value(rng) for k in fields if rng.random() < 0.6}})
+
+
+def file_request(rng: random.Random) -> bytes:
+    """A POST to the file API: multipart bodies broken in one place or another, lying lengths,
+    chunked framing, a WAV header in front of junk."""
+    boundary = rng.choice([b"b0undary", b"", b"x" * 200, b"\xff"])
+    wav = b"RIFF\xff\xff\x00\x00WAVEfmt " + _junk(rng, rng.randrange(0, 200))
+    payload = rng.choice([wav, _junk(rng, rng.randrange(0, 3000)), b""])
+    body = (
+        b"--"
+        + boundary
+        + b'\r\nContent-Disposition: form-data; name="'
+        + rng.choice([b"file", b"model", b"response_format", b"\x00", b""])
+        + b'"; filename="'
+        + rng.choice([b"a.wav", b"../../x", b"\xff"])
+        + b'"\r\n\r\n'
+        + payload
+        + b"\r\n--"
+        + boundary
+        + rng.choice([b"--\r\n", b"", b"\r\n"])
+    )
+    if rng.random() < 0.2:
+        body = _junk(rng, rng.randrange(0, 2000))
+    route = rng.choice([b"/v1/audio/transcriptions", b"/v1/audio/translations"])
+    head = b"POST " + route + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += (
+        b"Content-Type: "
+        + rng.choice(
+            [b"multipart/form-data; boundary=" + boundary, b"multipart/form-data", b"text/plain"]
+        )
+        + b"\r\n"
+    )
+    if rng.random() < 0.3:
+        chunk = rng.choice([b"%x" % len(body), b"zz", b"1" * 30])
+        return (
+            head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk + b"\r\n" + body + b"\r\n0\r\n\r\n"
+        )
+    length = rng.choice([len(body), len(body) + rng.randrange(1, 100), 0, 1 << 40])
+    return head + b"Content-Length: %d\r\n\r\n" % length + body
 
 
 # --- talking to the server ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The live socket, fuzzed: generated HTTP heads, raw WebSocket frames and JSON messages go to a
-real server on 127.0.0.1 while a good client streams speech.
+"""The live socket, fuzzed: generated HTTP heads, raw WebSocket frames, JSON messages (native, and
+OpenAI Realtime events on /v1/realtime) and file-API POSTs go to a real server on 127.0.0.1
+while a good client streams speech.
 
 After every case the server must still answer ``/health`` with 200; at the end the good
 client's finals must equal those of a calm run, no internal error may have been logged (each
@@ -23,7 +24,7 @@ from stt_server.server import serve
 from . import hostile
 from .test_fuzz import rss_mb
 
-#: Cases per kind; the three kinds run interleaved. Bounded in count and, below, in time.
+#: Cases per kind; the five kinds run interleaved. Bounded in count and, below, in time.
 CASES = 40
 
 #: Seconds one case may take, its replies included (real ones take well under one).
@@ -31,12 +32,12 @@ CASE_DEADLINE = 5.0
 SEED = 20261125
 
 
-async def one_json_case(url: str, rng: random.Random) -> None:
+async def one_json_case(url: str, rng: random.Random, message=hostile.json_message) -> None:
     try:
         async with open_websocket_url(url, max_message_size=1 << 22) as ws:
             await ws.get_message()  # the session greeting
             for _ in range(rng.randrange(1, 4)):
-                await ws.send_message(hostile.json_message(rng))
+                await ws.send_message(message(rng))
             with trio.move_on_after(0.2):
                 while True:
                     await ws.get_message()
@@ -50,6 +51,14 @@ async def one_frames_case(port: int, rng: random.Random) -> None:
 
 async def one_head_case(port: int, rng: random.Random) -> None:
     await hostile.exchange(port, hostile.http_head(rng), linger=0.2)
+
+
+async def one_file_case(port: int, rng: random.Random) -> None:
+    await hostile.exchange(port, hostile.file_request(rng), linger=0.2)
+
+
+def native_or_config(rng: random.Random) -> str:
+    return hostile.native_config(rng) if rng.random() < 0.3 else hostile.json_message(rng)
 
 
 async def test_fuzzing_the_live_socket_changes_nothing_for_a_good_client(
@@ -67,6 +76,8 @@ async def test_fuzzing_the_live_socket_changes_nothing_for_a_good_client(
     )
     server = await nursery.start(functools.partial(serve, config, model=speech_model))
     url = f"ws://127.0.0.1:{server.port}/"
+    realtime = f"{url}v1/realtime?intent=transcription"
+    realtime_event = hostile.realtime_event
     speech = clip("jfk.wav")
     rng = random.Random(SEED)
     cases: list[str] = []
@@ -76,7 +87,9 @@ async def test_fuzzing_the_live_socket_changes_nothing_for_a_good_client(
             for kind, run in (
                 ("head", functools.partial(one_head_case, server.port)),
                 ("frames", functools.partial(one_frames_case, server.port)),
-                ("json", functools.partial(one_json_case, url)),
+                ("json", functools.partial(one_json_case, url, message=native_or_config)),
+                ("realtime", functools.partial(one_json_case, realtime, message=realtime_event)),
+                ("file", functools.partial(one_file_case, server.port)),
             ):
                 case_seed = rng.randrange(1 << 32)
                 cases.append(f"{kind}#{i} seed={case_seed}")
@@ -100,7 +113,7 @@ async def test_fuzzing_the_live_socket_changes_nothing_for_a_good_client(
             both.start_soon(fuzz)
         await trio.sleep(0.5)
         after = rss_mb()
-    assert len(cases) == 3 * CASES
+    assert len(cases) == 5 * CASES
     internal = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert not internal, internal[0].getMessage()
     assert [m["text"] for m in stormy[0].finals] == [m["text"] for m in calm.finals]
