@@ -24,6 +24,14 @@ the two: after real finals, before partials, on the same workers as partials, at
 session queued (a newer one replaces it) and none while that session's previous one still
 runs, so a speaker who pauses often cannot fill the device with guesses.
 
+Batching: a model that offers ``transcribe_batch`` gets up to ``max_batch`` requests in one
+call. A worker takes what it may run (finals, or else previews) and as many more of the same
+kind as are queued, without waiting for more to arrive: under load batches form by themselves,
+and a lone request never waits. On a CPU the decoder is mostly per-step overhead, so eight
+sequences decoded together cost little more than one (the encoder still costs per request);
+on CUDA batching is the main lever. Finals are never batched with previews, so a final never
+waits for a partial's decode to end.
+
 A caller that is cancelled while its request is still queued takes it out of the queue; one
 cancelled while its request runs simply stops waiting (a thread cannot be interrupted).
 """
@@ -110,11 +118,18 @@ class Recognition:
 
 class SpeechModel(Protocol):
     """What the engine needs from a model: a blocking call, run on a worker thread. A plain
-    string is taken as the text alone."""
+    string is taken as the text alone.
+
+    A model may also offer ``transcribe_batch(requests)``: a list of ``(audio, options)`` in,
+    a list of the same length out, each a :class:`Recognition`, a string, or the exception that
+    request raised (one request's failure is not its neighbours')."""
 
     name: str
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition | str: ...
+
+
+BatchResult = Recognition | str | BaseException
 
 
 @attrs.frozen
@@ -142,6 +157,9 @@ class EngineStatistics:
     failures: int
     queued_uploads: int = 0
     uploads_done: int = 0
+    #: Model calls made, and the requests they carried (requests / batches = mean batch size).
+    batches: int = 0
+    batched_requests: int = 0
 
 
 @attrs.define(eq=False)
@@ -171,9 +189,12 @@ class Engine:
         *,
         device: str,
         workers: int,
+        max_batch: int = 1,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model = model
+        self._transcribe_batch = getattr(model, "transcribe_batch", None)
+        self._max_batch = max_batch if self._transcribe_batch is not None else 1
         self.device = device
         self.limiter = trio.CapacityLimiter(workers)
         self._clock = clock
@@ -191,6 +212,8 @@ class Engine:
         self._superseded = 0
         self._uploads_done = 0
         self._failures = 0
+        self._batches = 0
+        self._batched = 0
         #: Told the outcome of every inference (None = success); feeds the device's breaker.
         self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
 
@@ -260,74 +283,105 @@ class Engine:
         elif self._partials.get(job.owner) is job:
             del self._partials[job.owner]
 
-    def _next_job(self) -> _Job | None:
+    def _next_batch(self) -> list[_Job]:
+        """What a free worker runs next: finals if any are queued, else previews (speculative
+        finals, else partials, longest-waiting session first) while a preview slot is free,
+        else one upload. Up to ``max_batch`` of one kind, never mixed."""
         if self._finals:
-            return self._finals.popleft()
+            count = min(self._max_batch, len(self._finals))
+            return [self._finals.popleft() for _ in range(count)]
         if self._running_partials >= self._partial_slots:
-            return None
+            return []
+        batch: list[_Job] = []
+        # Guesses at finals and partials are not mixed either: a guess may become a final
+        # while it runs, and then it must not wait for partials decoded beside it.
         for queue in (self._speculative, self._partials):
-            if queue:
+            while queue and len(batch) < self._max_batch:
                 owner = next(iter(queue))  # the session that has waited longest
-                return queue.pop(owner)
-        if self._uploads:
-            return self._uploads.popleft()
-        return None
+                batch.append(queue.pop(owner))
+            if batch:
+                break
+        if not batch and self._uploads:
+            # A file chunk is a full 30 s window: batched, it would hold the others' answers.
+            batch.append(self._uploads.popleft())
+        return batch
 
     async def _worker(self) -> None:
         while True:
-            job = self._next_job()
-            if job is None:
+            batch = self._next_batch()
+            if not batch:
                 await self._wakeup.park()
                 continue
-            job.taken = True
-            await self._run_job(job)
+            for job in batch:
+                job.taken = True
+            await self._run_batch(batch)
 
-    async def _run_job(self, job: _Job) -> None:
+    @staticmethod
+    def _is_preview(job: _Job) -> bool:
+        # Everything but a real final runs on the workers left over by the one kept for finals.
+        options = job.options
+        return (options.speculative and not job.promoted) or not options.final or options.upload
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
         started = self._clock()
         self._busy += 1
-        # Everything but a real final runs on the workers left over by the one kept for finals.
-        preview = (
-            (job.options.speculative and not job.promoted)
-            or not job.options.final
-            or job.options.upload
-        )
+        preview = all(self._is_preview(job) for job in batch)
         if preview:
             self._running_partials += 1
-        if job.options.speculative:
-            self._speculating.add(job.owner)
+        speculating = {job.owner for job in batch if job.options.speculative}
+        self._speculating |= speculating
         try:
-            recognized = await trio.to_thread.run_sync(
-                self.model.transcribe, job.audio, job.options, limiter=self.limiter
-            )
-        except Exception as exc:
-            self._failures += 1
-            log.warning("inference failed on %s: %s", self.device, exc)
-            job.finish(error=exc)
-            self.on_outcome(exc)
-            return
+            results = await trio.to_thread.run_sync(self._call_model, batch, limiter=self.limiter)
         finally:
             self._busy -= 1
-            if job.options.speculative:
-                self._speculating.discard(job.owner)
+            self._speculating -= speculating
             if preview:
                 self._running_partials -= 1
                 self._wakeup.unpark()  # a worker that found only previews may take one now
+        self._batches += 1
+        self._batched += len(batch)
+        elapsed = self._clock() - started
+        for job, result in zip(batch, results, strict=True):
+            self._finish(job, result, queued=started - job.submitted, inference=elapsed)
+
+    def _call_model(self, batch: list[_Job]) -> list[BatchResult]:
+        """On the worker thread: one model call for the batch; what it raises is every
+        request's answer."""
+        try:
+            if len(batch) == 1:
+                job = batch[0]
+                return [self.model.transcribe(job.audio, job.options)]
+            assert self._transcribe_batch is not None
+            results = list(self._transcribe_batch([(job.audio, job.options) for job in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"model answered {len(results)} of {len(batch)} requests")
+            return results
+        except Exception as exc:
+            return [exc] * len(batch)
+
+    def _finish(self, job: _Job, result: BatchResult, *, queued: float, inference: float) -> None:
+        if isinstance(result, BaseException):
+            self._failures += 1
+            log.warning("inference failed on %s: %s", self.device, result)
+            job.finish(error=result)
+            self.on_outcome(result)
+            return
         if job.options.upload:
             self._uploads_done += 1
         elif job.options.final:
             self._finals_done += 1
         else:
             self._partials_done += 1
-        if isinstance(recognized, str):
-            recognized = Recognition(recognized)
+        if isinstance(result, str):
+            result = Recognition(result)
         job.finish(
             Transcript(
-                recognized.text,
-                queued=started - job.submitted,
-                inference=self._clock() - started,
-                language=recognized.language,
-                language_probability=recognized.language_probability,
-                segments=recognized.segments,
+                result.text,
+                queued=queued,
+                inference=inference,
+                language=result.language,
+                language_probability=result.language_probability,
+                segments=result.segments,
             )
         )
         self.on_outcome(None)
@@ -345,4 +399,6 @@ class Engine:
             failures=self._failures,
             queued_uploads=len(self._uploads),
             uploads_done=self._uploads_done,
+            batches=self._batches,
+            batched_requests=self._batched,
         )

@@ -181,6 +181,16 @@ class _StateCollector:
         workers = GaugeMetricFamily(
             "stt_engine_workers", "Concurrent transcriptions allowed", labels=["device"]
         )
+        batches = CounterMetricFamily(
+            "stt_engine_batches",
+            "Model calls made (each carries one request or a batch)",
+            labels=["device"],
+        )
+        batched = CounterMetricFamily(
+            "stt_engine_batched_requests",
+            "Requests carried by those calls (divided by batches: the mean batch size)",
+            labels=["device"],
+        )
         sessions = GaugeMetricFamily(
             "stt_device_sessions", "Sessions placed on a device", labels=["device"]
         )
@@ -206,6 +216,8 @@ class _StateCollector:
             queue.add_metric([device.label, "upload"], device.engine.queued_uploads)
             busy.add_metric(label, device.engine.busy)
             workers.add_metric(label, device.engine.workers)
+            batches.add_metric(label, device.engine.batches)
+            batched.add_metric(label, device.engine.batched_requests)
             sessions.add_metric(label, device.sessions)
             if device.breaker is not None:
                 breaker.add_metric(label, BREAKER_VALUES[device.breaker.state.value])
@@ -215,4 +227,5 @@ class _StateCollector:
                 total.add_metric(label, device.reading.total_mb * 1024 * 1024)
                 if device.reading.utilization is not None:
                     util.add_metric(label, device.reading.utilization)
-        yield from (queue, busy, workers, sessions, breaker, opened, used, total, util)
+        yield from (queue, busy, workers, batches, batched, sessions)
+        yield from (breaker, opened, used, total, util)

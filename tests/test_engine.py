@@ -349,3 +349,78 @@ async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> No
         with trio.fail_after(30):
             await wait_until(lambda: len(results) == 2)
         nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class BatchingModel(GatedModel):
+    """A GatedModel that also takes batches; records each model call's requests."""
+
+    batches: list[list[str]] = attrs.Factory(list)
+    poison: int = -1  # a request tagged with this fails, alone
+
+    def transcribe_batch(self, requests):
+        self.gate.wait(10)
+        labels = []
+        results = []
+        for audio, options in requests:
+            kind = "final" if options.final else "partial"
+            label = f"{kind}:{int(audio[0])}"
+            labels.append(label)
+            results.append(RuntimeError("bad request") if audio[0] == self.poison else label)
+        self.batches.append(labels)
+        return results
+
+
+async def test_queued_requests_of_one_kind_are_decoded_together_finals_first() -> None:
+    model = BatchingModel(poison=5)
+    engine = Engine(model, device="cpu", workers=1, max_batch=3)
+    results: dict[str, object] = {}
+    errors: dict[str, Exception] = {}
+
+    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
+        try:
+            results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+        except RuntimeError as exc:
+            errors[key] = exc
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "blocker", 0, PARTIAL, "z")  # a lone request: a batch of one
+        await trio.testing.wait_all_tasks_blocked()
+        for i, owner in enumerate("abcd"):
+            nursery.start_soon(ask, f"{owner}-partial", 1 + i, PARTIAL, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        for i, owner in enumerate("ef"):
+            nursery.start_soon(ask, f"{owner}-final", 5 + i, FINAL, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) + len(errors) == 7)
+        nursery.cancel_scope.cancel()
+
+    # Lone requests run alone (through transcribe); both finals went in one call, never
+    # mixed with partials; then the partials, at most three at a time, oldest sessions first.
+    assert model.calls == ["partial:0", "partial:4"]
+    assert model.batches == [["final:5", "final:6"], ["partial:1", "partial:2", "partial:3"]]
+    # The failing request failed alone; its batch-mates got their answers.
+    assert set(errors) == {"e-final"} and results["f-final"].text == "final:6"
+    stats = engine.statistics()
+    assert (stats.batches, stats.batched_requests, stats.failures) == (4, 7, 1)
+
+
+async def test_a_model_without_batches_gets_one_request_at_a_time() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=1, max_batch=8)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        for i in range(3):
+            nursery.start_soon(ask, f"final-{i}", i, FINAL, str(i))
+            await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 3)
+        nursery.cancel_scope.cancel()
+    assert model.calls == ["final:0", "final:1", "final:2"]
+    assert engine.statistics().batches == 3

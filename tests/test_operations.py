@@ -172,6 +172,10 @@ async def test_metrics_parse_and_move_when_real_audio_streams(running_server, cl
     assert after["stt_breaker_state{device=sim:0}"] == 0
     assert after["stt_draining{}"] == 1
     assert "stt_engine_queue_depth{device=sim:0,kind=final}" in after
+    # Every model call is counted, and carries at least one request.
+    calls = after["stt_engine_batches_total{device=sim:0}"]
+    requests = after["stt_engine_batched_requests_total{device=sim:0}"]
+    assert 3 <= calls <= requests
     # The process collector: what a soak (stt-loadtest) and a memory alert read.
     assert after["process_resident_memory_bytes{}"] > 50 * 1024 * 1024
     assert "stt_partial_gap_seconds_count{}" in after
