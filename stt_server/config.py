@@ -143,14 +143,26 @@ class Config:
         2, "inferences run at once per device (its CapacityLimiter)", validator=_positive
     )
     cpu_threads: int = _setting(1, "CPU threads per inference worker", validator=_positive)
-    beam_size: int = _setting(5, "beam size for final transcripts", validator=_positive)
+    beam_size: int = _setting(3, "beam size for final transcripts", validator=_positive)
     partial_beam_size: int = _setting(1, "beam size for partial transcripts", validator=_positive)
     short_partials: bool = _setting(
         True,
         "decode partials on a window the length of the utterance (plus 0.5 s) instead of "
-        "Whisper's full 30 s; several times cheaper (finals always use the full window)",
+        "Whisper's full 30 s; several times cheaper",
         parse=_parse_bool,
         metavar="BOOL",
+    )
+    short_finals: bool = _setting(
+        True,
+        "decode finals on a window of their context and speech plus 5 s of silence instead of "
+        "Whisper's full 30 s, redone on the full window when the answer loops or is unsure",
+        parse=_parse_bool,
+        metavar="BOOL",
+    )
+    max_batch: int = _setting(
+        8,
+        "requests of one kind (finals, or previews) decoded together in one model call",
+        validator=_positive,
     )
     inference_timeout: float = _setting(
         60.0, "seconds a session waits for one transcription", validator=_positive
@@ -205,7 +217,7 @@ class Config:
         0.3, "seconds of audio kept before and after detected speech", validator=_between(0.0, 2.0)
     )
     context_seconds: float = _setting(
-        20.0,
+        15.0,
         "seconds of a session's earlier utterances given to the model as context for the next "
         "(with their text as a forced prefix); 0 = none",
         validator=_between(0.0, WHISPER_WINDOW_SECONDS - 1.0),

@@ -36,9 +36,20 @@ def compression_ratio(text: str) -> float:
     return len(raw) / len(zlib.compress(raw))
 
 
+#: Context and speech together, for finals on right-sized windows: a long utterance carries
+#: much of its own context, and every second of context costs it encoder time and decoder
+#: steps (its text is forced on the decoder word by word).
+RIGHT_SIZED_EXTRA = 5.0
+
+
 class RecentSpeech:
-    def __init__(self, max_seconds: float) -> None:
+    def __init__(self, max_seconds: float, *, right_sized: bool = False) -> None:
+        """``right_sized``: context and speech stay within ``max_seconds`` plus
+        ``RIGHT_SIZED_EXTRA``, so a long utterance takes less context; otherwise they only
+        have to fit Whisper's window."""
         self._max = int(max_seconds * MODEL_SAMPLE_RATE)
+        window = max_seconds + RIGHT_SIZED_EXTRA if right_sized else WHISPER_WINDOW_SECONDS
+        self._window = int(min(window, WHISPER_WINDOW_SECONDS - _WINDOW_MARGIN) * MODEL_SAMPLE_RATE)
         self._items: collections.deque[tuple[np.ndarray, str]] = collections.deque()
         self._samples = 0
 
@@ -59,8 +70,7 @@ class RecentSpeech:
 
     def prepend(self, audio: np.ndarray) -> tuple[np.ndarray, int, str | None]:
         """``(audio with context in front, context length in samples, context text)``."""
-        room = int((WHISPER_WINDOW_SECONDS - _WINDOW_MARGIN) * MODEL_SAMPLE_RATE) - audio.size
-        room = min(room, self._max)
+        room = min(self._window - audio.size, self._max)
         chosen: list[tuple[np.ndarray, str]] = []
         used = 0
         text = ""

@@ -236,7 +236,9 @@ async def open_pool(
         )
 
     def engine(speech: SpeechModel, label: str) -> Engine:
-        return Engine(speech, device=label, workers=config.inference_workers)
+        return Engine(
+            speech, device=label, workers=config.inference_workers, max_batch=config.max_batch
+        )
 
     if config.simulate_gpus:
         source = SimulatedSource.parse(config.simulate_gpus)

@@ -191,7 +191,7 @@ class Session:
         self._speculation: _Speculation | None = None
         self._last_partial_at: tuple[int, float] | None = None  # (utterance id, time shown)
         self._partial_gap: float | None = None  # moving average
-        self._recent = RecentSpeech(config.context_seconds)
+        self._recent = RecentSpeech(config.context_seconds, right_sized=config.short_finals)
         self._consecutive_errors = 0
         self._errors_total = 0
         self._audio_in = 0.0

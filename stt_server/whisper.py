@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import attrs
 import numpy as np
@@ -13,7 +14,7 @@ from .context import compression_ratio
 from .cudalibs import preload_cuda_libraries
 from .engine import Recognition, Segment, TranscribeOptions, Word
 from .modelfiles import resolve_model
-from .windowing import is_looping, keep_spoken, split_segments
+from .windowing import cut_loop, is_looping, keep_spoken, split_segments
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ SAMPLE_RATE = 16000
 #: Silence after the audio in a short window: the decoder needs a little to end on.
 SHORT_WINDOW_PAD = 0.5
 
+#: Silence after a right-sized final's audio. Decoded without timestamps, Whisper on a short
+#: window starts the sentence over unless it hears a few seconds of nothing after it (measured
+#: on the shipped clips: 3 s still loses words to restarts, 5 s does not).
+FINAL_PAD = 5.0
+
+#: Right-sized windows of one batch differ in length by at most this factor (plus a second):
+#: each is padded to the longest, and padding costs encoder time.
+BATCH_LENGTH_SPREAD = 1.3
+
 #: Whisper's full window in mel frames (30 s); a short window never exceeds it.
 FULL_WINDOW_FRAMES = 3000
 
@@ -46,6 +56,27 @@ MAX_PREFIX_TOKENS = 160
 #: Token budget of a short-window decode per second of audio (read speech is ~4 tokens a
 #: second, timestamps included); a looping decoder runs out instead of filling 448 tokens.
 TOKENS_PER_SECOND = 7
+
+#: A partial's budget is tighter: a preview cut a word short costs nothing (the next one has
+#: it), while a decoder let run on the padding restarts the sentence and is redone on the full
+#: window. Read speech with its timestamps is about 3.5 tokens a second.
+PARTIAL_TOKENS_PER_SECOND = 4
+
+#: CTranslate2's Whisper ``generate`` returns at most ``max_length / 2`` tokens (measured with
+#: 4.x: 30 tokens at 60, 67 of 67 needed at 150, whatever the prompt's length), so a budget of
+#: N tokens asks for a max_length of 2 N.
+_MAX_LENGTH_PER_TOKEN = 2
+_MAX_LENGTH = 448
+
+
+def limit_blas_threads() -> None:
+    """numpy's BLAS (OpenBLAS) does one small matrix product per request, in faster-whisper's
+    feature extractor. Left to its own pool, its threads spin between calls: on the 2-core box
+    a process used twice the CPU time of the inference it ran (a whole second core, taken
+    from the other worker), for no speed. One thread does that product as fast."""
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def cuda_device_count() -> int:
@@ -74,6 +105,7 @@ class WhisperModel:
     partial_beam_size: int
     _model: object
     short_partials: bool = False
+    short_finals: bool = False
     _tokenizers: dict = attrs.field(factory=dict)
     _warm: bool = False
 
@@ -81,6 +113,7 @@ class WhisperModel:
     def load(cls, config: Config, *, device: str, device_index: int = 0) -> WhisperModel:
         import faster_whisper
 
+        limit_blas_threads()
         source, name = resolve_model(config.model)
         compute_type = resolve_compute_type(config.compute_type, device)
         label = f"{device}:{device_index}" if device == "cuda" else device
@@ -103,6 +136,7 @@ class WhisperModel:
             partial_beam_size=config.partial_beam_size,
             model=model,
             short_partials=config.short_partials,
+            short_finals=config.short_finals,
         )
 
     def warm_up(self) -> None:
@@ -120,6 +154,51 @@ class WhisperModel:
         return bool(self._model.model.is_multilingual)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
+        result = self.transcribe_batch([(audio, options)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def transcribe_batch(
+        self, requests: Sequence[tuple[np.ndarray, TranscribeOptions]]
+    ) -> list[Recognition | BaseException]:
+        """Every request of the batch; right-sized windows (partials, and finals when
+        ``short_finals``) are decoded together, a few model calls for all of them, the rest
+        (files, full-window fallbacks) one by one. A request's failure is its own answer."""
+        results: list[Recognition | BaseException | None] = [None] * len(requests)
+        planned: list[_Planned] = []
+        for i, (audio, options) in enumerate(requests):
+            try:
+                audio, options, detected = self._prepare(audio, options)
+                plan = self._plan(i, audio, options, detected)
+                if plan is None:
+                    results[i] = detected.apply(self._recognize(audio, options))
+                else:
+                    planned.append(plan)
+            except Exception as exc:
+                results[i] = exc
+        groups = _groups(planned)
+        while groups:
+            group = groups.pop()
+            try:
+                outputs = self._generate(group)
+            except Exception as exc:
+                if len(group) > 1:
+                    # Which request broke it? Each alone, so that only that one fails.
+                    groups.extend([plan] for plan in group)
+                    continue
+                results[group[0].index] = exc
+                continue
+            for plan, output in zip(group, outputs, strict=True):
+                try:
+                    results[plan.index] = plan.detected.apply(self._conclude(plan, output))
+                except Exception as exc:
+                    results[plan.index] = exc
+        return [r if r is not None else RuntimeError("request not decoded") for r in results]
+
+    def _prepare(
+        self, audio: np.ndarray, options: TranscribeOptions
+    ) -> tuple[np.ndarray, TranscribeOptions, _Detected]:
         if not self.is_multilingual:
             # English-only models know one language and one task; translating English into
             # English is transcribing it.
@@ -132,22 +211,136 @@ class WhisperModel:
             if options.context_language not in (None, language):
                 # The context's forced text would pull the decoder back into the old language.
                 options = attrs.evolve(options, prefix=None)
-            recognized = self._recognize(audio, attrs.evolve(options, language=language))
-            return attrs.evolve(
-                recognized, language=language, language_probability=round(probability, 3)
+            options = attrs.evolve(options, language=language)
+            return audio, options, _Detected(language, round(probability, 3))
+        return audio, options, _Detected()
+
+    def _plan(
+        self, index: int, audio: np.ndarray, options: TranscribeOptions, detected: _Detected
+    ) -> _Planned | None:
+        """A right-sized decode for this request, or None where it takes the full window."""
+        if options.timestamps or options.language is None:
+            return None
+        tokenizer = self._tokenizer(options.language, options.task)
+        if not options.final:
+            if not self.short_partials:
+                return None
+            # A partial reads neither the prompt nor the context: it is a preview, and the
+            # speech alone on its own short window is the cheapest thing that shows it.
+            speech = audio[options.context_samples :]
+            duration = speech.size / SAMPLE_RATE
+            budget = int(duration * PARTIAL_TOKENS_PER_SECOND) + 6
+            return _Planned(
+                index=index,
+                audio=speech,
+                options=options,
+                detected=detected,
+                pad=SHORT_WINDOW_PAD,
+                prompt=list(tokenizer.sot_sequence),
+                budget=budget,
+                beam=self.partial_beam_size,
+                tokenizer=tokenizer,
+                duration=duration,
             )
-        return self._recognize(audio, options)
+        if not self.short_finals or audio.size / SAMPLE_RATE + FINAL_PAD > 30.0:
+            return None
+        options = self._within_budget(options)
+        prefix = options.prefix.strip() if options.prefix and options.context_samples else ""
+        if not prefix:
+            # Context audio without its text (left out for its length) would be transcribed
+            # again as if it were new.
+            audio = audio[options.context_samples :]
+            options = attrs.evolve(options, context_samples=0, prefix=None)
+        prefix_tokens = self._tokens(" " + prefix) if prefix else []
+        duration = (audio.size - options.context_samples) / SAMPLE_RATE
+        budget = len(prefix_tokens) + int(duration * TOKENS_PER_SECOND) + 8
+        previous = self._previous_tokens(options)
+        prompt = (
+            ([tokenizer.sot_prev, *previous] if previous else [])
+            + list(tokenizer.sot_sequence)
+            + [tokenizer.no_timestamps]
+            + prefix_tokens
+        )
+        if budget * _MAX_LENGTH_PER_TOKEN > _MAX_LENGTH:
+            return None
+        return _Planned(
+            index=index,
+            audio=audio,
+            options=options,
+            detected=detected,
+            pad=FINAL_PAD,
+            prompt=prompt,
+            budget=budget,
+            beam=self.beam_size,
+            tokenizer=tokenizer,
+            duration=duration,
+            prefix=prefix,
+        )
+
+    def _previous_tokens(self, options: TranscribeOptions) -> list[int]:
+        """Whisper's previous-text slot, as faster-whisper fills it: hotwords, then the client's
+        prompt (both already within their budgets)."""
+        tokens: list[int] = []
+        if options.hotwords:
+            tokens += self._tokens(" " + options.hotwords.strip())
+        if options.prompt:
+            tokens += self._tokens(" " + options.prompt.strip())
+        return tokens
+
+    def _generate(self, group: list[_Planned]) -> list:
+        """One CTranslate2 call for a group: every window padded with silence to the longest."""
+        import ctranslate2
+
+        longest = max(p.audio.size + int(p.pad * SAMPLE_RATE) for p in group)
+        frames = min(longest // self._model.feature_extractor.hop_length, FULL_WINDOW_FRAMES)
+        frames -= frames % 2
+        features = np.stack(
+            [
+                self._model.feature_extractor(p.audio, padding=longest - p.audio.size)[:, :frames]
+                for p in group
+            ]
+        )
+        return self._model.model.generate(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(features, dtype=np.float32)),
+            [p.prompt for p in group],
+            beam_size=group[0].beam,
+            max_length=min(max(p.budget for p in group) * _MAX_LENGTH_PER_TOKEN, _MAX_LENGTH),
+            suppress_blank=True,
+            suppress_tokens=[-1],
+            return_scores=True,
+            return_no_speech_prob=True,
+        )
+
+    def _conclude(self, plan: _Planned, output) -> Recognition:
+        """The text of a right-sized decode, or the full-window answer where it cannot be
+        trusted (it loops, runs out of tokens, or is unsure of itself)."""
+        tokens = output.sequences_ids[0]
+        if not plan.options.final:
+            segments = split_segments(tokens, plan.tokenizer.timestamp_begin)
+            # A preview that starts its sentence again is cut where it does: far cheaper than
+            # the full window, and the next partial or the final has the rest.
+            return Recognition(
+                cut_loop(keep_spoken(segments, plan.duration, plan.tokenizer.decode))
+            )
+        text = plan.tokenizer.decode(tokens).strip()
+        # faster-whisper's figures: the sequence's mean log-probability, the no-speech gate.
+        avg_logprob = output.scores[0] * len(tokens) / (len(tokens) + 1)
+        if output.no_speech_prob > _NO_SPEECH_THRESHOLD and avg_logprob < _LOG_PROB_THRESHOLD:
+            return Recognition("")
+        new = text[len(plan.prefix) :].strip() if text.startswith(plan.prefix) else None
+        if (
+            new is None
+            or len(tokens) >= plan.budget
+            or avg_logprob < _LOG_PROB_THRESHOLD
+            or is_looping(new)
+            or compression_ratio(new) > _COMPRESSION_RATIO_THRESHOLD
+        ):
+            log.debug("right-sized final not trusted; decoding it on the full window")
+            return self._recognize(plan.audio, plan.options)
+        return Recognition(new)
 
     def _recognize(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
-        short = not options.final and self.short_partials and not options.timestamps
-        if short and options.language is not None:
-            speech = audio[options.context_samples :]
-            text = self._decode_short(speech, options.language, options.task)
-            if not is_looping(text):
-                return Recognition(text)
-            log.debug("short-window partial loops; decoding it on the full window")
-            return self._decode(speech, self._within_budget(options), prefix=None)
-        # Only here: a short-window partial reads neither the prompt nor the context's text.
+        """Whisper's full 30 s window (faster-whisper's own loop, with its fallbacks)."""
         options = self._within_budget(options)
         if options.prefix and options.context_samples and not options.timestamps:
             # Whisper decodes the context audio as the forced prefix and carries on from there;
@@ -193,32 +386,6 @@ class WhisperModel:
             )
         return self._tokenizers[language, task]
 
-    def _decode_short(self, audio: np.ndarray, language: str, task: str) -> str:
-        """A partial on a window the length of the audio plus ``SHORT_WINDOW_PAD``: the encoder
-        costs in proportion to its input. Timestamps on and a token budget by duration, so
-        that what the decoder says about the padding can be told apart and dropped."""
-        import ctranslate2
-
-        model = self._model
-        tokenizer = self._tokenizer(language, task)
-        duration = audio.size / SAMPLE_RATE
-        features = model.feature_extractor(audio, padding=int(SHORT_WINDOW_PAD * SAMPLE_RATE))
-        frames = min(features.shape[-1] - features.shape[-1] % 2, FULL_WINDOW_FRAMES)
-        window = ctranslate2.StorageView.from_array(
-            np.ascontiguousarray(features[None, :, :frames], dtype=np.float32)
-        )
-        prompt = list(tokenizer.sot_sequence)
-        result = model.model.generate(
-            window,
-            [prompt],
-            beam_size=self.partial_beam_size,
-            max_length=len(prompt) + int(duration * TOKENS_PER_SECOND) + 8,
-            suppress_blank=True,
-            suppress_tokens=[-1],
-        )
-        segments = split_segments(result[0].sequences_ids[0], tokenizer.timestamp_begin)
-        return keep_spoken(segments, duration, tokenizer.decode)
-
     def _decode(
         self, audio: np.ndarray, options: TranscribeOptions, prefix: str | None
     ) -> Recognition:
@@ -250,6 +417,61 @@ class WhisperModel:
             language_probability=round(info.language_probability, 3) if detected else None,
             segments=tuple(_segment(s) for s in kept) if options.timestamps else (),
         )
+
+
+@attrs.frozen
+class _Detected:
+    """The language a request's speech was detected in, where it was."""
+
+    language: str | None = None
+    probability: float | None = None
+
+    def apply(self, recognized: Recognition) -> Recognition:
+        if self.language is None:
+            return recognized
+        return attrs.evolve(
+            recognized, language=self.language, language_probability=self.probability
+        )
+
+
+@attrs.frozen
+class _Planned:
+    """One request's right-sized decode: its audio, the silence after it, its prompt."""
+
+    index: int
+    audio: np.ndarray = attrs.field(eq=False, repr=False)
+    options: TranscribeOptions
+    detected: _Detected
+    pad: float
+    prompt: list[int]
+    #: Tokens it may take (prefix included); one that uses them all has run on.
+    budget: int
+    beam: int
+    tokenizer: object = attrs.field(eq=False, repr=False)
+    #: Seconds of new speech (the context excluded).
+    duration: float
+    #: The context's text, forced on the decoder ("" without context).
+    prefix: str = ""
+
+    @property
+    def length(self) -> float:
+        return self.audio.size / SAMPLE_RATE + self.pad
+
+
+def _groups(planned: list[_Planned]) -> list[list[_Planned]]:
+    """Batches for the model: the same beam size, windows of similar length."""
+    groups: list[list[_Planned]] = []
+    for plan in sorted(planned, key=lambda p: (p.beam, p.length)):
+        group = groups[-1] if groups else None
+        if (
+            group is not None
+            and group[0].beam == plan.beam
+            and plan.length <= group[0].length * BATCH_LENGTH_SPREAD + 1.0
+        ):
+            group.append(plan)
+        else:
+            groups.append([plan])
+    return groups
 
 
 def _segment(segment) -> Segment:

@@ -1,4 +1,4 @@
-"""Right-sized decoding windows for partials, sans-IO: what to keep of a short-window decode.
+"""Right-sized decoding windows, sans-IO: what to keep of a short-window decode.
 
 Whisper is trained on 30-second windows. Given only the utterance so far (plus a little
 silence), its encoder costs a fraction as much, but the decoder, seeing the audio end early,
@@ -7,8 +7,9 @@ padding. Decoding with timestamps makes those visible: each segment says where i
 
 - a segment that starts at or past the end of the real audio is padding talk: dropped;
 - a segment whose words restart the text already kept, or repeat its end, is a loop: dropped;
-- if what is left still repeats itself (:func:`is_looping`), the caller decodes again on the
-  full window, where the problem does not arise.
+- if what is left still repeats itself (:func:`is_looping`), usually the sentence started again
+  inside one segment, it is cut where the repetition begins (:func:`cut_loop`): a partial is a
+  preview, and the next one or the final has the rest.
 
 Token ids are plain integers here; timestamps are the ids at and above ``timestamp_begin``, one
 step per 20 ms, as in Whisper's vocabulary.
@@ -53,25 +54,49 @@ def split_segments(tokens: list[int], timestamp_begin: int) -> list[tuple[float 
     return segments
 
 
-def is_looping(text: str) -> bool:
-    """Whether the text repeats itself as a decoder does when it runs on: one word three times
-    in a row, a run of 2 to 4 words twice in a row, or a run of ``LOOP_WORDS`` or more words
-    twice anywhere (read speech does not say the same five words twice in one utterance)."""
-    words = _words(text)
+def _loop_start(words: list[str]) -> int | None:
+    """Index of the first word that repeats what came just before it as a decoder does when it
+    runs on: one word three times in a row, a run of 2 to 4 words twice in a row, or a run of
+    ``LOOP_WORDS`` or more words twice anywhere (read speech does not say the same five words
+    twice in one utterance)."""
+    starts = []
     for i in range(len(words) - 2):
         if words[i] == words[i + 1] == words[i + 2]:
-            return True
+            starts.append(i + 1)
+            break
     for size in range(2, LOOP_WORDS):
         for i in range(len(words) - 2 * size + 1):
             if words[i : i + size] == words[i + size : i + 2 * size]:
-                return True
+                starts.append(i + size)
+                break
     seen = set()
     for i in range(len(words) - LOOP_WORDS + 1):
         run = tuple(words[i : i + LOOP_WORDS])
         if run in seen:
-            return True
+            starts.append(i)
+            break
         seen.add(run)
-    return False
+    return min(starts, default=None)
+
+
+def is_looping(text: str) -> bool:
+    """Whether the text repeats itself as a decoder does when it runs on (see _loop_start)."""
+    return _loop_start(_words(text)) is not None
+
+
+def cut_loop(text: str) -> str:
+    """The text up to where it starts repeating itself (all of it when it does not)."""
+    pieces = text.split()
+    owners: list[int] = []  # for each word, the whitespace-separated piece it came from
+    words: list[str] = []
+    for index, piece in enumerate(pieces):
+        for word in _words(piece):
+            words.append(word)
+            owners.append(index)
+    start = _loop_start(words)
+    if start is None:
+        return text
+    return " ".join(pieces[: owners[start]]).strip()
 
 
 def _restarts_or_repeats(kept: list[str], new: list[str]) -> bool:

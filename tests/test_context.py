@@ -1,6 +1,11 @@
 import numpy as np
 
-from stt_server.context import MAX_CONTEXT_COMPRESSION, RecentSpeech, compression_ratio
+from stt_server.context import (
+    MAX_CONTEXT_COMPRESSION,
+    RIGHT_SIZED_EXTRA,
+    RecentSpeech,
+    compression_ratio,
+)
 
 
 def sec(n: float) -> np.ndarray:
@@ -62,3 +67,19 @@ def test_ordinary_speech_keeps_its_whole_context(references) -> None:
         recent.add(sec(3), " ".join(words[i : i + 10]))
     _, n, prefix = recent.prepend(sec(1))
     assert n == 6 * 3 * 16000 and prefix == " ".join(words[:60])
+
+
+def test_for_right_sized_finals_a_long_utterance_takes_less_context() -> None:
+    """Context and speech within max_seconds + RIGHT_SIZED_EXTRA: a short utterance keeps the
+    whole context, a long one only what fits (whole utterances, newest first)."""
+    recent = RecentSpeech(max_seconds=15, right_sized=True)
+    for text in ("a", "b", "c"):
+        recent.add(sec(5), text)
+    assert recent.prepend(sec(3))[1:] == (15 * 16000, "a b c")
+    assert recent.prepend(sec(8))[1:] == (10 * 16000, "b c")  # 8 + 10 <= 20
+    assert recent.prepend(sec(16))[1:] == (0, None)
+    assert RIGHT_SIZED_EXTRA == 5.0
+    full = RecentSpeech(max_seconds=15)  # full-window finals: only Whisper's window bounds it
+    for text in ("a", "b", "c"):
+        full.add(sec(5), text)
+    assert full.prepend(sec(8))[1:] == (15 * 16000, "a b c")

@@ -1,14 +1,16 @@
-"""Right-sized windows for partials: what is kept of a short-window decode, loops caught and
-redone on the full window, and the real model's partials on short windows."""
+"""Right-sized windows: what is kept of a short-window decode, a partial's loop cut, a final's
+redone on the full window, batches, and the real model's partials and finals on short windows."""
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 
+from stt_server import whisper
 from stt_server.engine import TranscribeOptions
 from stt_server.loadtest.wer import word_error_rate
-from stt_server.windowing import is_looping, keep_spoken, split_segments
+from stt_server.windowing import cut_loop, is_looping, keep_spoken, split_segments
 
 TS = 50000  # timestamp_begin in these made-up token ids: id TS + k is k * 20 ms
 
@@ -51,18 +53,6 @@ def test_segments_about_the_padding_and_restarts_are_dropped() -> None:
 )
 def test_loops_are_recognised(text: str, looping: bool) -> None:
     assert is_looping(text) is looping
-
-
-def test_a_looping_short_window_partial_is_redone_on_the_full_window(
-    speech_model, clip, monkeypatch
-) -> None:
-    monkeypatch.setattr(speech_model, "short_partials", True)
-    monkeypatch.setattr(
-        type(speech_model), "_decode_short", lambda self, audio, language, task: "so so so so"
-    )
-    audio = clip("ldc93s1.wav").astype(np.float32) / 32768
-    text = speech_model.transcribe(audio, TranscribeOptions(final=False)).text
-    assert "greasy" in text.lower() and not is_looping(text)
 
 
 def test_short_window_partials_read_like_full_window_ones(speech_model, clip, monkeypatch):
@@ -108,6 +98,7 @@ def test_a_repeated_sentence_in_the_context_costs_one_decode(speech_model, clip,
         return measure(text)
 
     monkeypatch.setattr(faster_whisper.transcribe, "get_compression_ratio", counting)
+    monkeypatch.setattr(speech_model, "short_finals", False)  # faster-whisper's own loop
     sentence = clip("ldc93s1.wav").astype(np.float32) / 32768
     spoken = "She had your dark suit in greasy wash water all year."
     audio = np.concatenate([sentence, sentence, sentence])
@@ -117,3 +108,164 @@ def test_a_repeated_sentence_in_the_context_costs_one_decode(speech_model, clip,
     recognized = speech_model.transcribe(audio, options)
     assert len(attempts) == 1, attempts
     assert word_error_rate(spoken, recognized.text) <= 0.1, recognized.text
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("There was in that caravan. There was in that caravan", "There was in that caravan."),
+        ("different different different different", "different"),
+        ("who reinforce themselves, who reinforce themselves, who", "who reinforce themselves,"),
+        ("ask not what your country can do for you", "ask not what your country can do for you"),
+    ],
+)  # fmt: skip
+def test_a_preview_that_starts_over_is_cut_where_it_does(text: str, kept: str) -> None:
+    assert cut_loop(text) == kept
+
+
+def test_a_partial_that_starts_over_is_cut_not_redone(speech_model, clip, monkeypatch) -> None:
+    """A short-window partial that says its sentence twice costs no full-window decode."""
+    monkeypatch.setattr(speech_model, "short_partials", True)
+    monkeypatch.setattr(
+        whisper, "keep_spoken", lambda segments, duration, decode: "she had your. she had your"
+    )
+    full = []
+    monkeypatch.setattr(type(speech_model), "_decode", lambda self, *a, **k: full.append(a))
+    audio = clip("ldc93s1.wav").astype(np.float32) / 32768
+    assert speech_model.transcribe(audio, TranscribeOptions(final=False)).text == "she had your."
+    assert full == []
+
+
+LDC = "She had your dark suit in greasy wash water all year."
+JFK = "And so my fellow Americans, ask not what your country can do for you."
+
+
+def context_request(clip) -> tuple[np.ndarray, TranscribeOptions]:
+    """ldc93s1.wav said after jfk.wav's first 7 s, with jfk's words as the context's text."""
+    context = clip("jfk.wav")[: 7 * 16000].astype(np.float32) / 32768
+    speech = clip("ldc93s1.wav").astype(np.float32) / 32768
+    options = TranscribeOptions(final=True, language="en", context_samples=context.size, prefix=JFK)
+    return np.concatenate([context, speech]), options
+
+
+class FullWindowSpy:
+    def __init__(self, monkeypatch, model) -> None:
+        self.calls: list[int] = []
+        real = type(model)._decode
+
+        def spy(this, audio, *args, **kwargs):
+            self.calls.append(audio.size)
+            return real(this, audio, *args, **kwargs)
+
+        monkeypatch.setattr(type(model), "_decode", spy)
+
+
+def test_a_final_with_context_is_decoded_on_a_right_sized_window(
+    speech_model, clip, monkeypatch
+) -> None:
+    """Context and speech plus FINAL_PAD of silence, not 30 s: the new words alone come back,
+    as right as on the full window, and no full-window decode ran."""
+    audio, options = context_request(clip)
+    windows = []
+    real_generate = type(speech_model)._generate
+
+    def measuring(self, group):
+        windows.extend(p.length for p in group)
+        return real_generate(self, group)
+
+    monkeypatch.setattr(type(speech_model), "_generate", measuring)
+    full = FullWindowSpy(monkeypatch, speech_model)
+    monkeypatch.setattr(speech_model, "short_finals", True)
+    short = speech_model.transcribe(audio, options).text
+    assert full.calls == [] and windows == [audio.size / 16000 + whisper.FINAL_PAD]
+    assert windows[0] < 20
+    monkeypatch.setattr(speech_model, "short_finals", False)
+    whole = speech_model.transcribe(audio, options).text
+    assert len(full.calls) == 1
+    assert "americans" not in short.lower()  # the context's words are not sent again
+    assert word_error_rate(LDC, short) <= word_error_rate(LDC, whole) + 0.1, (short, whole)
+
+
+@attrs.frozen
+class FakeOutput:
+    sequences_ids: list
+    scores: tuple = (-0.1,)
+    no_speech_prob: float = 0.0
+
+
+@pytest.mark.parametrize("problem", ["loops", "runs out", "unsure"])
+def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window(
+    speech_model, clip, monkeypatch, problem
+) -> None:
+    audio, options = context_request(clip)
+    tokenizer = speech_model._tokenizer("en", "transcribe")
+
+    def generate(self, group):
+        prefix = tokenizer.encode(" " + JFK)
+        new = {
+            "loops": tokenizer.encode(" she had your dark suit. she had your dark suit."),
+            "runs out": tokenizer.encode(" she had your dark suit") * 40,
+            "unsure": tokenizer.encode(" she had your dark suit in greasy wash water."),
+        }[problem]
+        score = -3.0 if problem == "unsure" else -0.1
+        return [FakeOutput([prefix + new], (score,)) for _ in group]
+
+    monkeypatch.setattr(type(speech_model), "_generate", generate)
+    full = FullWindowSpy(monkeypatch, speech_model)
+    monkeypatch.setattr(speech_model, "short_finals", True)
+    text = speech_model.transcribe(audio, options).text
+    assert len(full.calls) == 1  # the full window, with the context
+    assert word_error_rate(LDC, text) <= 0.3 and not is_looping(text), text
+
+
+def test_a_batch_answers_each_request_as_alone_and_a_bad_one_fails_alone(
+    speech_model, clip, monkeypatch
+) -> None:
+    monkeypatch.setattr(speech_model, "short_finals", True)
+    monkeypatch.setattr(speech_model, "short_partials", True)
+    with_context, options = context_request(clip)
+    ldc = clip("ldc93s1.wav").astype(np.float32) / 32768
+    jfk = clip("jfk.wav").astype(np.float32) / 32768
+    requests = [
+        (with_context, options),
+        (jfk, TranscribeOptions(final=True, language="en")),
+        (None, TranscribeOptions(final=True, language="en")),  # broken
+        (ldc, TranscribeOptions(final=False, language="en")),
+        (jfk[: 4 * 16000], TranscribeOptions(final=False, language="en")),
+    ]
+    generated = []
+    real_generate = type(speech_model)._generate
+    monkeypatch.setattr(
+        type(speech_model),
+        "_generate",
+        lambda self, group: generated.append(len(group)) or real_generate(self, group),
+    )
+    batch = speech_model.transcribe_batch(requests)
+    assert isinstance(batch[2], Exception)
+    # The two finals in one model call, the two partials in another.
+    assert sorted(generated) == [2, 2], generated
+    alone = [speech_model.transcribe(a, o).text for a, o in requests if a is not None]
+    together = [r.text for r in batch if not isinstance(r, Exception)]
+    for a, b in zip(alone, together, strict=True):
+        assert word_error_rate(a, b) <= 0.1, (a, b)
+    assert word_error_rate(LDC, together[0]) <= 0.2 and "ask not" in together[1].lower()
+
+
+def test_a_loaded_model_keeps_numpy_blas_to_one_thread(speech_model, clip) -> None:
+    """An idle OpenBLAS pool spins between requests; one thread must be all it has. Measured
+    as a person would notice it: a partial costs no more CPU time than wall time."""
+    import time
+
+    from threadpoolctl import threadpool_info
+
+    assert speech_model is not None  # loading it is what sets the limit
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas), blas
+    audio = clip("cats.wav")[: 5 * 16000].astype(np.float32) / 32768
+    options = TranscribeOptions(final=False, language="en")
+    speech_model.transcribe(audio, options)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(3):
+        speech_model.transcribe(audio, options)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert cpu < 1.5 * wall, (cpu, wall)
