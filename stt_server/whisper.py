@@ -62,9 +62,10 @@ TOKENS_PER_SECOND = 7
 #: window. Read speech with its timestamps is about 3.5 tokens a second.
 PARTIAL_TOKENS_PER_SECOND = 4
 
-#: CTranslate2's Whisper ``generate`` returns at most ``max_length / 2`` tokens (measured with
-#: 4.x: 30 tokens at 60, 67 of 67 needed at 150, whatever the prompt's length), so a budget of
-#: N tokens asks for a max_length of 2 N.
+#: CTranslate2's Whisper ``generate`` returned at most ``max_length / 2`` tokens in our
+#: measurements (4.8: 30 tokens at 60, 67 of 67 needed at 150, with 2 or 26 prompt tokens),
+#: and nothing at all when a long previous-text prompt filled ``max_length``: a budget of N
+#: tokens asks for the prompt's length plus 2 N.
 _MAX_LENGTH_PER_TOKEN = 2
 _MAX_LENGTH = 448
 
@@ -261,7 +262,7 @@ class WhisperModel:
             + [tokenizer.no_timestamps]
             + prefix_tokens
         )
-        if budget * _MAX_LENGTH_PER_TOKEN > _MAX_LENGTH:
+        if len(prompt) + budget * _MAX_LENGTH_PER_TOKEN > _MAX_LENGTH:
             return None
         return _Planned(
             index=index,
@@ -304,7 +305,7 @@ class WhisperModel:
             ctranslate2.StorageView.from_array(np.ascontiguousarray(features, dtype=np.float32)),
             [p.prompt for p in group],
             beam_size=group[0].beam,
-            max_length=min(max(p.budget for p in group) * _MAX_LENGTH_PER_TOKEN, _MAX_LENGTH),
+            max_length=min(max(p.max_length for p in group), _MAX_LENGTH),
             suppress_blank=True,
             suppress_tokens=[-1],
             return_scores=True,
@@ -314,7 +315,7 @@ class WhisperModel:
     def _conclude(self, plan: _Planned, output) -> Recognition:
         """The text of a right-sized decode, or the full-window answer where it cannot be
         trusted (it loops, runs out of tokens, or is unsure of itself)."""
-        tokens = output.sequences_ids[0]
+        tokens = output.sequences_ids[0] if output.sequences_ids else []
         if not plan.options.final:
             segments = split_segments(tokens, plan.tokenizer.timestamp_begin)
             # A preview that starts its sentence again is cut where it does: far cheaper than
@@ -329,7 +330,8 @@ class WhisperModel:
             return Recognition("")
         new = text[len(plan.prefix) :].strip() if text.startswith(plan.prefix) else None
         if (
-            new is None
+            not tokens
+            or new is None
             or len(tokens) >= plan.budget
             or avg_logprob < _LOG_PROB_THRESHOLD
             or is_looping(new)
@@ -452,6 +454,12 @@ class _Planned:
     duration: float
     #: The context's text, forced on the decoder ("" without context).
     prefix: str = ""
+
+    @property
+    def max_length(self) -> int:
+        """What to ask of CTranslate2 for ``budget`` tokens: the prompt counts in its
+        ``max_length``, and it returns at most half of the rest (measured)."""
+        return len(self.prompt) + self.budget * _MAX_LENGTH_PER_TOKEN
 
     @property
     def length(self) -> float:

@@ -296,11 +296,12 @@ async def test_the_page_transcribes_the_microphone_live(
     events = probe["events"]
     first_final = next(i for i, e in enumerate(events) if e["kind"] == "final")
     final_words = words(events[first_final]["text"])
-    # tiny.en hears "dog suit and greasy" in this clip from any client (the reference says
-    # "dark suit in greasy"): check the words it gets right.
+    # tiny.en mishears two words of this clip from any client ("dog suit and ... water" on the
+    # full window, "dog suit in ... for" on a right-sized one; the reference says "dark suit
+    # in ... water"): check the words it always gets right.
     heard = " ".join(final_words)
     assert "she had your" in heard and "suit" in heard, events
-    assert heard.endswith("greasy wash water all year"), events
+    assert "greasy wash" in heard and heard.endswith("all year"), events
     partials = [e for e in events[:first_final] if e["kind"] == "partial"]
     assert partials, f"no partial before the first final: {events}"
     assert set(words(partials[-1]["text"])) & set(final_words)
@@ -433,7 +434,7 @@ async def test_a_dropped_or_picked_file_is_transcribed_live(running_server, tmp_
                 "return [li.querySelector('time').textContent, li.lastChild.textContent]"
             )
     # jfk's 11 s came first, and the clip's speech starts at once.
-    assert dropped[0] == "0:11" and "greasy wash water" in dropped[1], dropped
+    assert dropped[0] == "0:11" and "greasy wash" in dropped[1], dropped
     text = " ".join(words(" ".join(lines)))
     assert "ask not what your country can do for you" in text, lines
     # Live: the first final was on screen while the file was still streaming.

@@ -22,7 +22,7 @@ from stt_server.loadtest.client import read_wav, stream_audio
 from stt_server.loadtest.wer import normalize, word_error_rate
 from stt_server.server import serve
 
-from .conftest import DATA, SPOKEN, http_request, wait_until
+from .conftest import DATA, SPOKEN, SYNTHETIC, http_request, wait_until
 from .test_filedecode import encode
 from .test_multipart import BOUNDARY, form
 from .test_security import make_token
@@ -77,11 +77,13 @@ def int16(samples: np.ndarray) -> np.ndarray:
 
 
 async def test_the_openai_client_gets_the_native_protocols_words_from_wav_and_compressed_files(
-    running_server, clip, synthetic_dir, tmp_path
+    running_server, clip, synthetic_dir, tmp_path, references
 ) -> None:
     """WAV, Ogg/Opus and MP3 (made with PyAV) and Ogg/Vorbis (made with sox) files through
     ``client.audio.transcriptions.create`` give the words a native WebSocket client gets for
-    the same speech."""
+    the same speech, as well: a file is decoded on Whisper's full window, a live final on a
+    right-sized one, and tiny.en makes two mistakes in ldc93s1.wav either way, not the same
+    two ("dog suit and ... water" against "dog suit in ... for")."""
     port = running_server.server.port
     station = synthetic_dir / "station.16000.wav"
     ldc = DATA / "ldc93s1.wav"
@@ -93,6 +95,7 @@ async def test_the_openai_client_gets_the_native_protocols_words_from_wav_and_co
     await trio.run_process(["sox", str(station), "-C", "3", str(vorbis)])
     api = client(port)
     with trio.fail_after(DEADLINE):
+        spoken = {ldc: references["ldc93s1.wav"], station: SYNTHETIC["station"]}
         for native_source, files in ((ldc, (ldc, opus)), (station, (station, mp3, vorbis))):
             native = await stream_audio(
                 running_server.url, read_wav(native_source), speed=0, trailing_silence=1.0
@@ -100,7 +103,10 @@ async def test_the_openai_client_gets_the_native_protocols_words_from_wav_and_co
             for path in files:
                 with path.open("rb") as fh:
                     result = await call(api.audio.transcriptions.create, file=fh, model="whisper-1")
-                assert normalize(result.text) == normalize(native.text), path.name
+                said = spoken[native_source]
+                native_wer = word_error_rate(said, native.text)
+                assert word_error_rate(said, result.text) <= native_wer + 0.05, path.name
+                assert word_error_rate(native.text, result.text) <= 0.2, path.name
 
 
 async def test_verbose_json_subtitles_and_text_through_the_client(running_server, references):
