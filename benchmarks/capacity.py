@@ -23,9 +23,11 @@ The default clips leave out jfk.wav: its first utterance ("And so my fellow Amer
 at a pause, and tiny.en mishears that fragment alone (README, Known limitations), which would
 fail the WER bound at every N and hide what the ramp measures.
 
-Modes: ``on`` is the server's defaults; ``off`` turns off both techniques (every partial on
-Whisper's full 30 s window, finals decoded only after the endpoint), as before them;
-``short-only`` and ``speculative-only`` keep one of the two.
+Modes: ``on`` is the server's defaults; ``off`` turns the throughput techniques off (every
+partial and final on Whisper's full 30 s window, finals decoded only after the endpoint, one
+request per model call), as before them; ``no-short-partials``, ``no-short-finals``,
+``no-speculative`` and ``no-batching`` leave out one each. CAPACITY_LOG_LEVEL=info shows the
+server's log.
 """
 
 from __future__ import annotations
@@ -47,11 +49,18 @@ from stt_server.loadtest.wer import word_error_rate
 
 MODES = {
     "on": [],
-    "off": ["--short-partials", "false", "--speculative-finals", "false"],
-    # One technique at a time, to see what each is worth.
-    "short-only": ["--speculative-finals", "false"],
-    "speculative-only": ["--short-partials", "false"],
-}
+    "off": [
+        "--short-partials", "false",
+        "--short-finals", "false",
+        "--speculative-finals", "false",
+        "--max-batch", "1",
+    ],
+    # One technique left out at a time, to see what each is worth.
+    "no-short-partials": ["--short-partials", "false"],
+    "no-short-finals": ["--short-finals", "false"],
+    "no-speculative": ["--speculative-finals", "false"],
+    "no-batching": ["--max-batch", "1"],
+}  # fmt: skip
 PAUSE = 1.5  # seconds of silence between two readings of a clip
 RATE = 16000
 
@@ -112,7 +121,7 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
         "--max-sessions-per-ip", "0",
         "--connections-per-minute", "0",
         "--control-socket", "",
-        "--log-level", "warning",
+        "--log-level", os.environ.get("CAPACITY_LOG_LEVEL", "warning"),
         *MODES[mode],
     )  # fmt: skip
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})

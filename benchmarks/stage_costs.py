@@ -5,7 +5,8 @@
 Each stage runs on the shipped clips as the server runs it, and is reported as CPU seconds per
 second of audio (or per call for model calls): JSON + base64 decoding of 100 ms audio
 messages, resampling 48 kHz to 16 kHz, Silero VAD, a partial on the right-sized window and on
-the full 30 s window, and a final (beam 5, full window, with 20 s of speaker context). Together
+the full 30 s window (alone, and batched by four), and a final with jfk.wav (11 s) as speaker
+context on its right-sized window and on the full one. Together
 with a session's request rate (a partial every 0.5 s of speech, a final per utterance) this is
 the budget that benchmarks/capacity.py measures end to end.
 """
@@ -25,7 +26,7 @@ from stt_server.audio import Resampler, pcm16_to_float
 from stt_server.config import Config
 from stt_server.engine import TranscribeOptions
 from stt_server.loadtest.client import read_wav
-from stt_server.loadtest.clips import CLIPS_DIR
+from stt_server.loadtest.clips import CLIPS_DIR, references
 from stt_server.protocol import parse_client_message
 from stt_server.vad import SileroModel, VadStream
 from stt_server.whisper import WhisperModel
@@ -77,25 +78,35 @@ def main() -> None:
 
     model = WhisperModel.load(Config(cpu_threads=1, inference_workers=1), device="cpu")
     model.warm_up()
-    print()
+    # The context: jfk.wav (11 s) and what it says, as a session that heard it would send.
+    context = pcm16_to_float(read_wav(CLIPS_DIR / "jfk.wav").tobytes())
+    print(f"\nfinals: beam {model.beam_size}, {context.size / RATE:.0f} s of speaker context\n")
     for utterance in (2.0, 5.0, 10.0):
         piece = audio[: int(utterance * RATE)]
         model.short_partials = True
         short = cpu_timed(lambda p=piece: model.transcribe(p, TranscribeOptions(final=False)), 3)
+        batched = cpu_timed(lambda p=piece: model.transcribe_batch([(p, PARTIAL)] * 4), 2) / 4
         model.short_partials = False
         full = cpu_timed(lambda p=piece: model.transcribe(p, TranscribeOptions(final=False)), 3)
-        context = audio[int(utterance * RATE) : int((utterance + 20) * RATE)]
         with_context = np.concatenate([context, piece])
-        final = cpu_timed(
-            lambda w=with_context, c=context: model.transcribe(
-                w, TranscribeOptions(final=True, context_samples=c.size, prefix="so it goes")
-            ),
-            2,
+        final_options = TranscribeOptions(
+            final=True, language="en", context_samples=context.size, prefix=CONTEXT_TEXT
         )
+        finals = {}
+        for short_finals in (True, False):
+            model.short_finals = short_finals
+            finals[short_finals] = cpu_timed(
+                lambda w=with_context, o=final_options: model.transcribe(w, o), 2
+            )
         print(
-            f"{utterance:4.0f} s utterance: partial short {short:.3f} s, partial full "
-            f"{full:.3f} s, final (beam 5, 20 s context) {final:.3f} s  [CPU s per call]"
+            f"{utterance:4.0f} s utterance: partial short {short:.3f} s (batched by 4: "
+            f"{batched:.3f} s each), partial full {full:.3f} s; final right-sized "
+            f"{finals[True]:.3f} s, final full window {finals[False]:.3f} s  [CPU s per call]"
         )
+
+
+PARTIAL = TranscribeOptions(final=False, language="en")
+CONTEXT_TEXT = references()["jfk.wav"]
 
 
 if __name__ == "__main__":
