@@ -82,6 +82,10 @@ class TranscribeOptions:
     speculative: bool = False
 
 
+class ModelCallFailed(RuntimeError):
+    """The model call that carried this request failed (its cause says how)."""
+
+
 @attrs.frozen
 class Word:
     start: float
@@ -341,12 +345,27 @@ class Engine:
         self._batches += 1
         self._batched += len(batch)
         elapsed = self._clock() - started
+        if isinstance(results, BaseException):
+            # The call itself failed: one outcome for the breaker, and each caller gets an
+            # exception of its own (one object raised in several tasks would share state).
+            self._failures += len(batch)
+            log.warning("inference failed on %s: %s", self.device, results)
+            for job in batch:
+                error = ModelCallFailed(str(results))
+                error.__cause__ = results
+                job.finish(error=error)
+            self.on_outcome(results)
+            return
         for job, result in zip(batch, results, strict=True):
-            self._finish(job, result, queued=started - job.submitted, inference=elapsed)
+            try:
+                self._finish(job, result, queued=started - job.submitted, inference=elapsed)
+            except Exception as exc:  # a batch-mate must still get its answer
+                log.exception("engine on %s: could not deliver a result", self.device)
+                if not job.done.is_set():
+                    job.finish(error=exc)
 
-    def _call_model(self, batch: list[_Job]) -> list[BatchResult]:
-        """On the worker thread: one model call for the batch; what it raises is every
-        request's answer."""
+    def _call_model(self, batch: list[_Job]) -> list[BatchResult] | BaseException:
+        """On the worker thread: one model call for the batch, or what it raised."""
         try:
             if len(batch) == 1:
                 job = batch[0]
@@ -357,7 +376,7 @@ class Engine:
                 raise RuntimeError(f"model answered {len(results)} of {len(batch)} requests")
             return results
         except Exception as exc:
-            return [exc] * len(batch)
+            return exc
 
     def _finish(self, job: _Job, result: BatchResult, *, queued: float, inference: float) -> None:
         if isinstance(result, BaseException):
@@ -366,6 +385,8 @@ class Engine:
             job.finish(error=result)
             self.on_outcome(result)
             return
+        if not isinstance(result, str | Recognition):
+            raise TypeError(f"model answered a {type(result).__name__}")
         if job.options.upload:
             self._uploads_done += 1
         elif job.options.final:

@@ -279,10 +279,11 @@ class WhisperModel:
         )
 
     def _previous_tokens(self, options: TranscribeOptions) -> list[int]:
-        """Whisper's previous-text slot, as faster-whisper fills it: hotwords, then the client's
-        prompt (both already within their budgets)."""
+        """Whisper's previous-text slot, as faster-whisper fills it: hotwords (only without a
+        context prefix, as faster-whisper has it), then the client's prompt (both already
+        within their budgets)."""
         tokens: list[int] = []
-        if options.hotwords:
+        if options.hotwords and not (options.prefix and options.context_samples):
             tokens += self._tokens(" " + options.hotwords.strip())
         if options.prompt:
             tokens += self._tokens(" " + options.prompt.strip())
@@ -330,8 +331,8 @@ class WhisperModel:
             return Recognition("")
         new = text[len(plan.prefix) :].strip() if text.startswith(plan.prefix) else None
         if (
-            not tokens
-            or new is None
+            not new  # nothing after the prefix, or the prefix not echoed
+            or not tokens
             or len(tokens) >= plan.budget
             or avg_logprob < _LOG_PROB_THRESHOLD
             or is_looping(new)

@@ -76,9 +76,10 @@ def test_for_right_sized_finals_a_long_utterance_takes_less_context() -> None:
     for text in ("a", "b", "c"):
         recent.add(sec(5), text)
     assert recent.prepend(sec(3))[1:] == (15 * 16000, "a b c")
-    assert recent.prepend(sec(8))[1:] == (10 * 16000, "b c")  # 8 + 10 <= 20
+    longest = 15 + RIGHT_SIZED_EXTRA - 10  # the speech that leaves room for two utterances
+    assert recent.prepend(sec(longest))[1:] == (10 * 16000, "b c")
+    assert recent.prepend(sec(longest + 0.1))[1:] == (5 * 16000, "c")
     assert recent.prepend(sec(16))[1:] == (0, None)
-    assert RIGHT_SIZED_EXTRA == 5.0
     full = RecentSpeech(max_seconds=15)  # full-window finals: only Whisper's window bounds it
     for text in ("a", "b", "c"):
         full.add(sec(5), text)

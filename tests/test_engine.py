@@ -424,3 +424,76 @@ async def test_a_model_without_batches_gets_one_request_at_a_time() -> None:
         nursery.cancel_scope.cancel()
     assert model.calls == ["final:0", "final:1", "final:2"]
     assert engine.statistics().batches == 3
+
+
+async def test_guesses_at_finals_are_never_batched_with_partials_nor_uploads_at_all() -> None:
+    model = BatchingModel()
+    engine = Engine(model, device="cpu", workers=1, max_batch=8)
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "blocker", 0, PARTIAL, "z")
+        await trio.testing.wait_all_tasks_blocked()
+        for key, n, options, owner in (
+            ("a-partial", 1, PARTIAL, "a"),
+            ("b-guess", 2, guess, "b"),
+            ("c-partial", 3, PARTIAL, "c"),
+            ("d-guess", 4, guess, "d"),
+            ("e-upload", 5, UPLOAD, "e"),
+            ("f-upload", 6, UPLOAD, "f"),
+        ):
+            nursery.start_soon(ask, key, n, options, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 7)
+        nursery.cancel_scope.cancel()
+    assert model.batches == [["final:2", "final:4"], ["partial:1", "partial:3"]]
+    assert model.calls == ["partial:0", "upload:5", "upload:6"]  # one file chunk at a time
+
+
+@attrs.define
+class BrokenBatchModel(GatedModel):
+    answer: str = "raise"  # or "short": one answer too few
+
+    def transcribe_batch(self, requests):
+        self.gate.wait(10)
+        if self.answer == "raise":
+            raise RuntimeError("device lost")
+        return ["x"] * (len(requests) - 1)
+
+
+@pytest.mark.parametrize("answer", ["raise", "short"])
+async def test_a_failed_model_call_fails_each_request_once_and_counts_once(answer) -> None:
+    model = BrokenBatchModel(answer=answer)
+    engine = Engine(model, device="cpu", workers=1, max_batch=8)
+    outcomes: list[object] = []
+    engine.on_outcome = outcomes.append
+    errors: dict[str, BaseException] = {}
+
+    async def ask(key: str, n: int) -> None:
+        try:
+            await engine.transcribe(tagged(n), FINAL, owner=key)
+        except RuntimeError as exc:
+            errors[key] = exc
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "blocker", 0)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            nursery.start_soon(ask, f"final-{i}", i + 1)
+            await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(errors) == 3)
+        nursery.cancel_scope.cancel()
+    batched = [errors[f"final-{i}"] for i in range(3)]
+    # Each caller has an exception of its own, caused by the one failure.
+    assert len({id(e) for e in batched}) == 3
+    assert all(isinstance(e.__cause__, RuntimeError) for e in batched)
+    # The breaker hears of the failed call once, not once per request in it.
+    assert outcomes[0] is None and len(outcomes) == 2  # the blocker's success, the failure
+    assert isinstance(outcomes[1], RuntimeError) and "blocker" not in errors

@@ -193,7 +193,7 @@ class FakeOutput:
     no_speech_prob: float = 0.0
 
 
-@pytest.mark.parametrize("problem", ["loops", "runs out", "unsure"])
+@pytest.mark.parametrize("problem", ["loops", "runs out", "unsure", "says nothing new"])
 def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window(
     speech_model, clip, monkeypatch, problem
 ) -> None:
@@ -204,8 +204,10 @@ def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window
         prefix = tokenizer.encode(" " + JFK)
         new = {
             "loops": tokenizer.encode(" she had your dark suit. she had your dark suit."),
-            "runs out": tokenizer.encode(" she had your dark suit") * 40,
+            # No word twice: only the budget can tell this one from a real answer.
+            "runs out": tokenizer.encode("".join(f" w{i}x" for i in range(120))),
             "unsure": tokenizer.encode(" she had your dark suit in greasy wash water."),
+            "says nothing new": [],
         }[problem]
         score = -3.0 if problem == "unsure" else -0.1
         return [FakeOutput([prefix + new], (score,)) for _ in group]
@@ -214,7 +216,7 @@ def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window
     full = FullWindowSpy(monkeypatch, speech_model)
     monkeypatch.setattr(speech_model, "short_finals", True)
     text = speech_model.transcribe(audio, options).text
-    assert len(full.calls) == 1  # the full window, with the context
+    assert full.calls == [audio.size]  # the full window, with the context in front
     assert word_error_rate(LDC, text) <= 0.3 and not is_looping(text), text
 
 
@@ -268,4 +270,27 @@ def test_a_loaded_model_keeps_numpy_blas_to_one_thread(speech_model, clip) -> No
     for _ in range(3):
         speech_model.transcribe(audio, options)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    assert cpu < 1.5 * wall, (cpu, wall)
+    # Spinning threads showed as twice the wall time; a busy machine only lowers the ratio.
+    assert cpu < 1.6 * wall, (cpu, wall)
+
+
+def test_a_request_that_breaks_its_batchs_decode_fails_alone(speech_model, clip, monkeypatch):
+    """When a group's model call fails, each of its requests is decoded alone, so only the one
+    that breaks it gets the error."""
+    monkeypatch.setattr(speech_model, "short_partials", True)
+    real_generate = type(speech_model)._generate
+    poison = int(2.5 * 16000) + 7
+
+    def generate(self, group):
+        if any(p.audio.size == poison for p in group):
+            raise RuntimeError("this request breaks the decoder")
+        return real_generate(self, group)
+
+    monkeypatch.setattr(type(speech_model), "_generate", generate)
+    ldc = clip("ldc93s1.wav").astype(np.float32) / 32768
+    options = TranscribeOptions(final=False, language="en")
+    batch = speech_model.transcribe_batch(
+        [(ldc[: poison - 7], options), (ldc[:poison], options), (ldc[: poison + 99], options)]
+    )
+    assert isinstance(batch[1], RuntimeError)
+    assert all("greasy" in r.text.lower() for r in (batch[0], batch[2])), batch
