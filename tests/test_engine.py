@@ -53,11 +53,17 @@ def tagged(n: int) -> np.ndarray:
     return np.full(4, n, dtype=np.float32)
 
 
-def asker(engine: Engine, results: dict[str, object]):
-    """``ask(key, n, options, owner)``: request ``tagged(n)``; its result lands in ``results``."""
+def asker(engine: Engine, results: dict[str, object], errors: dict[str, Exception] | None = None):
+    """``ask(key, n, options, owner)``: request ``tagged(n)``; its result lands in ``results``
+    (or, given ``errors``, the RuntimeError it raised lands there)."""
 
     async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
-        results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+        try:
+            results[key] = await engine.transcribe(tagged(n), options, owner=owner)
+        except RuntimeError as exc:
+            if errors is None:
+                raise
+            errors[key] = exc
 
     return ask
 
@@ -376,12 +382,7 @@ async def test_queued_requests_of_one_kind_are_decoded_together_finals_first() -
     engine = Engine(model, device="cpu", workers=1, max_batch=3)
     results: dict[str, object] = {}
     errors: dict[str, Exception] = {}
-
-    async def ask(key: str, n: int, options: TranscribeOptions, owner: str) -> None:
-        try:
-            results[key] = await engine.transcribe(tagged(n), options, owner=owner)
-        except RuntimeError as exc:
-            errors[key] = exc
+    ask = asker(engine, results, errors)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -471,20 +472,15 @@ async def test_a_failed_model_call_fails_each_request_once_and_counts_once(answe
     engine = Engine(model, device="cpu", workers=1, max_batch=8)
     outcomes: list[object] = []
     engine.on_outcome = outcomes.append
-    errors: dict[str, BaseException] = {}
-
-    async def ask(key: str, n: int) -> None:
-        try:
-            await engine.transcribe(tagged(n), FINAL, owner=key)
-        except RuntimeError as exc:
-            errors[key] = exc
+    errors: dict[str, Exception] = {}
+    ask = asker(engine, {}, errors)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        nursery.start_soon(ask, "blocker", 0)
+        nursery.start_soon(ask, "blocker", 0, FINAL, "blocker")
         await trio.testing.wait_all_tasks_blocked()
         for i in range(3):
-            nursery.start_soon(ask, f"final-{i}", i + 1)
+            nursery.start_soon(ask, f"final-{i}", i + 1, FINAL, f"final-{i}")
             await trio.testing.wait_all_tasks_blocked()
         model.gate.set()
         with trio.fail_after(30):
