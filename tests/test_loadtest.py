@@ -3,7 +3,9 @@ server, checked against what the server's own /metrics counted."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import ConnectionClosed, serve_websocket
 
 from stt_server.loadtest.client import Endpoint, Stream, connect
 from stt_server.loadtest.clips import CLIPS_DIR
@@ -24,11 +27,11 @@ from stt_server.loadtest.conditions import (
     failed,
     parse_conditions,
 )
-from stt_server.loadtest.corpus import CorpusError, load_corpus
+from stt_server.loadtest.corpus import Clip, CorpusError, load_corpus
 from stt_server.loadtest.events import Closed, Final, Partial, ServerError, SessionStarted, decode
 from stt_server.loadtest.scrape import ServerSample, memory_report, parse_metrics
 from stt_server.loadtest.stats import RunStats, SessionTally, UserRecord, percentile, summarize
-from stt_server.loadtest.users import expand_addresses
+from stt_server.loadtest.users import LoadSettings, LoadTest, expand_addresses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,3 +342,55 @@ async def test_locustfile_speaks_the_protocol(running_server, tmp_path) -> None:
     finals = rows["final latency"]
     assert int(finals["Request Count"]) >= 2, output[-3000:]
     assert 0 < float(finals["Median Response Time"]) < 10_000
+
+
+# -- the users against a scripted server ----------------------------------------------------
+async def test_a_user_sent_away_while_sending_comes_back() -> None:
+    """The server says going_away and closes while the user is in the middle of a clip. The
+    user's next send then fails before its listener has read the close: that is still the
+    server ending the session, so the user reconnects instead of ending its run."""
+    sessions: list[str] = []
+
+    async def handler(request) -> None:
+        ws = await request.accept()
+        sessions.append("sent away" if not sessions else "stayed")
+        await ws.send_message(json.dumps({"type": "session", "session_id": str(len(sessions))}))
+        if sessions[-1] == "sent away":
+            for _ in range(5):
+                await ws.get_message()
+            going_away = {"type": "error", "code": "going_away", "message": "draining"}
+            await ws.send_message(json.dumps(going_away))
+            await ws.aclose(1001)
+            return
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                message = await ws.get_message()
+                if isinstance(message, str) and json.loads(message)["type"] == "end":
+                    await ws.aclose(1000)
+                    return
+
+    clip = Clip("tone", (np.sin(np.arange(16000 * 3) / 10) * 8000).astype(np.int16), "x")
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(serve_websocket, handler, "127.0.0.1", 0, ssl_context=None)
+            )
+            port = listeners.port
+            settings = LoadSettings(
+                url=f"ws://127.0.0.1:{port}/",
+                clients=1,
+                concurrent=1,
+                runtime=3.0,
+                speed=0,
+                binary=True,
+                pause=(0.0, 0.0),
+                finish_timeout=5.0,
+                warmup=0.0,
+            )
+            stats = await LoadTest(settings, [clip]).run()
+            nursery.cancel_scope.cancel()
+    user = stats.users[0]
+    assert sessions == ["sent away", "stayed"]
+    assert user.attempts == 2 and user.accepted == 2, user
+    assert user.errors["going_away"] == 1 and user.closes == {"1001": 1, "1000": 1}, user
+    assert user.client_errors == {}, user

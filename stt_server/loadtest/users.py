@@ -317,14 +317,20 @@ class LoadTest:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(listen)
-                # On ConnectionClosed the listener records how the session ended.
-                with speaking, contextlib.suppress(ConnectionClosed):
-                    await self._speak(user, stream, rng, tally)
+                sent_on_closed = False
+                with speaking:
+                    try:
+                        await self._speak(user, stream, rng, tally)
+                    except ConnectionClosed:
+                        # The server closed first; its going_away and close may still be
+                        # queued for the listener, which records how the session ended.
+                        sent_on_closed = True
                 if not closed.is_set():
-                    outcome.ended_by_us = True
+                    outcome.ended_by_us = not sent_on_closed
                     with trio.move_on_after(self.settings.finish_timeout) as waiting:
-                        with contextlib.suppress(ConnectionClosed):
-                            await stream.end()
+                        if outcome.ended_by_us:
+                            with contextlib.suppress(ConnectionClosed):
+                                await stream.end()
                         await closed.wait()
                     if waiting.cancelled_caught:
                         user.client_errors["finish_timeout"] += 1
