@@ -298,7 +298,7 @@ def test_the_real_model_warms_up_once(speech_model, monkeypatch) -> None:
 
 async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a_time() -> None:
     model = GatedModel()
-    engine = Engine(model, device="cpu", workers=2)
+    engine = Engine(model, device="cpu", workers=1)
     guess = TranscribeOptions(final=True, speculative=True)
     results: dict[str, object] = {}
     ask = asker(engine, results)
@@ -321,20 +321,16 @@ async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a
             nursery.start_soon(ask, key, n, options, owner)
             await trio.testing.wait_all_tasks_blocked()
         assert results["b-guess-old"] is None
-        stats = engine.statistics()  # the final runs beside a's guess; b's guess, c's partial wait
-        assert (stats.busy, stats.queued_finals, stats.queued_partials) == (2, 0, 1)
         model.gate.set()
         with trio.fail_after(30):
             await wait_until(lambda: len(results) == 6)
         nursery.cancel_scope.cancel()
-    # Neither the refused nor the replaced guess ran; b's newer guess went before c's partial
-    # (the threads finish in any order, so only what the schedule fixes is checked).
-    calls = model.calls
-    assert sorted(calls) == ["final:1", "final:4", "final:6", "partial:5"], calls
-    assert calls[-1] == "partial:5" and calls.index("final:1") < calls.index("final:4")
+    # One worker, so the calls show the order: the final, then b's newer guess, then the
+    # partial; neither the refused nor the replaced guess ran.
+    assert model.calls == ["final:1", "final:6", "final:4", "partial:5"]
 
 
-async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> None:
+async def test_a_guess_at_a_final_may_take_the_worker_kept_for_finals() -> None:
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=2)
     guess = TranscribeOptions(final=True, speculative=True)
@@ -343,18 +339,39 @@ async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> No
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        nursery.start_soon(ask, "a-partial", 1, PARTIAL, "a")  # holds the one preview worker
+        nursery.start_soon(ask, "a-partial", 1, PARTIAL, "a")  # holds the one partial worker
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(ask, "b-guess", 2, guess, "b")  # queued behind it, as a guess
+        nursery.start_soon(ask, "b-partial", 2, PARTIAL, "b")  # waits for it
+        nursery.start_soon(ask, "c-guess", 3, guess, "c")  # does not
         await trio.testing.wait_all_tasks_blocked()
-        assert engine.statistics().busy == 1
-        engine.promote_speculative("b")  # b's endpoint is confirmed
-        await trio.testing.wait_all_tasks_blocked()
-        assert engine.statistics().busy == 2  # it took the worker kept for finals at once
+        stats = engine.statistics()
+        assert (stats.busy, stats.queued_partials) == (2, 1)
         model.gate.set()
         with trio.fail_after(30):
-            await wait_until(lambda: len(results) == 2)
+            await wait_until(lambda: len(results) == 3)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_queued_guess_whose_endpoint_came_is_promoted_to_a_final() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=1)
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "a-partial", 1, PARTIAL, "a")  # holds the worker
+        await trio.testing.wait_all_tasks_blocked()
+        for key, n, owner in (("b-guess", 2, "b"), ("c-guess", 3, "c")):
+            nursery.start_soon(ask, key, n, guess, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        engine.promote_speculative("c")  # c's endpoint is confirmed: ahead of b's guess
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 3)
+        nursery.cancel_scope.cancel()
+    assert model.calls == ["partial:1", "final:3", "final:2"]
 
 
 @attrs.define
@@ -407,6 +424,25 @@ async def test_queued_requests_of_one_kind_are_decoded_together_finals_first() -
     assert set(errors) == {"e-final"} and results["f-final"].text == "final:6"
     stats = engine.statistics()
     assert (stats.batches, stats.batched_requests, stats.failures) == (4, 7, 1)
+
+
+async def test_finals_queued_for_idle_workers_run_side_by_side_not_in_one_batch() -> None:
+    model = BatchingModel()
+    engine = Engine(model, device="cpu", workers=2, max_batch=8)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        # Both queued before either idle worker wakes: each worker takes its share, one.
+        nursery.start_soon(ask, "a-final", 1, FINAL, "a")
+        nursery.start_soon(ask, "b-final", 2, FINAL, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics().busy == 2
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 2)
+        nursery.cancel_scope.cancel()
+    assert sorted(model.calls) == ["final:1", "final:2"] and model.batches == []
 
 
 async def test_a_model_without_batches_gets_one_request_at_a_time() -> None:
