@@ -10,9 +10,11 @@ always take a final before any partial and run it through ``trio.to_thread.run_s
 limiter; CTranslate2 releases the GIL, so the threads really run in parallel.
 
 With more than one worker, partials may occupy all but one of them: a final that arrives never
-waits behind partials already running, and partials (previews, cheap on right-sized windows)
-still keep the other workers busy. Partials are served round-robin across sessions: a session
-that asks again goes to the back of the line, so a talkative client cannot starve the rest.
+waits behind partials alone, and partials (previews, cheap on right-sized windows) still keep
+the other workers busy. (When guesses at finals hold the other workers, see below, a final
+waits for whichever call ends first: a partial batch, or a guess.) Partials are served
+round-robin across sessions: a session that asks again goes to the back of the line, so a
+talkative client cannot starve the rest.
 
 Uploads (files sent to the OpenAI-compatible file API) come last: after every live request, and
 only on the workers partials may use, so a file never holds the worker kept for finals. With a
