@@ -41,15 +41,25 @@ def compression_ratio(text: str) -> float:
 #: steps (its text is forced on the decoder word by word).
 RIGHT_SIZED_EXTRA = 5.0
 
+#: For finals on right-sized windows, an utterance this long (in seconds, its pads included)
+#: goes without context: it is its own. Measured on the shipped clips (benchmarks/
+#: final_windows.py): cats.wav's 7-12 s sentences read the same without context (2.2 % WER) and
+#: their finals cost 0.2-0.35 s instead of 0.5-0.65 s; lucier.wav's fragments, all under 5.5 s,
+#: need theirs (one of 5.4 s without it: 2.9 % instead of 1.9 %). These long finals were the
+#: tail of the capacity benchmark's final latency.
+SELF_CONTEXT_SECONDS = 6.0
+
 
 class RecentSpeech:
     def __init__(self, max_seconds: float, *, right_sized: bool = False) -> None:
         """``right_sized``: context and speech stay within ``max_seconds`` plus
-        ``RIGHT_SIZED_EXTRA``, so a long utterance takes less context; otherwise they only
-        have to fit Whisper's window."""
+        ``RIGHT_SIZED_EXTRA``, so a long utterance takes less context, and one of
+        ``SELF_CONTEXT_SECONDS`` or more none; otherwise they only have to fit Whisper's
+        window."""
         self._max = int(max_seconds * MODEL_SAMPLE_RATE)
         window = max_seconds + RIGHT_SIZED_EXTRA if right_sized else WHISPER_WINDOW_SECONDS
         self._window = int(min(window, WHISPER_WINDOW_SECONDS - _WINDOW_MARGIN) * MODEL_SAMPLE_RATE)
+        self._self_context = int(SELF_CONTEXT_SECONDS * MODEL_SAMPLE_RATE) if right_sized else None
         self._items: collections.deque[tuple[np.ndarray, str]] = collections.deque()
         self._samples = 0
 
@@ -70,6 +80,8 @@ class RecentSpeech:
 
     def prepend(self, audio: np.ndarray) -> tuple[np.ndarray, int, str | None]:
         """``(audio with context in front, context length in samples, context text)``."""
+        if self._self_context is not None and audio.size >= self._self_context:
+            return audio, 0, None
         room = min(self._window - audio.size, self._max)
         chosen: list[tuple[np.ndarray, str]] = []
         used = 0

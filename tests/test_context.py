@@ -3,6 +3,7 @@ import numpy as np
 from stt_server.context import (
     MAX_CONTEXT_COMPRESSION,
     RIGHT_SIZED_EXTRA,
+    SELF_CONTEXT_SECONDS,
     RecentSpeech,
     compression_ratio,
 )
@@ -69,17 +70,21 @@ def test_ordinary_speech_keeps_its_whole_context(references) -> None:
     assert n == 6 * 3 * 16000 and prefix == " ".join(words[:60])
 
 
-def test_for_right_sized_finals_a_long_utterance_takes_less_context() -> None:
+def test_for_right_sized_finals_a_long_utterance_takes_less_context_and_a_longer_none() -> None:
     """Context and speech within max_seconds + RIGHT_SIZED_EXTRA: a short utterance keeps the
-    whole context, a long one only what fits (whole utterances, newest first)."""
+    whole context, a longer one only what fits (whole utterances, newest first), and one of
+    SELF_CONTEXT_SECONDS or more none at all: it is its own context."""
     recent = RecentSpeech(max_seconds=15, right_sized=True)
-    for text in ("a", "b", "c"):
-        recent.add(sec(5), text)
-    assert recent.prepend(sec(3))[1:] == (15 * 16000, "a b c")
-    longest = 15 + RIGHT_SIZED_EXTRA - 10  # the speech that leaves room for two utterances
-    assert recent.prepend(sec(longest))[1:] == (10 * 16000, "b c")
-    assert recent.prepend(sec(longest + 0.1))[1:] == (5 * 16000, "c")
-    assert recent.prepend(sec(16))[1:] == (0, None)
+    for text in ("a", "b", "c", "d", "e"):
+        recent.add(sec(3), text)
+    assert recent.prepend(sec(3))[1:] == (15 * 16000, "a b c d e")
+    longest = 15 + RIGHT_SIZED_EXTRA - 15  # the speech that leaves room for all five
+    assert longest < SELF_CONTEXT_SECONDS
+    assert recent.prepend(sec(longest))[1:] == (15 * 16000, "a b c d e")
+    assert recent.prepend(sec(longest + 0.1))[1:] == (12 * 16000, "b c d e")
+    assert recent.prepend(sec(SELF_CONTEXT_SECONDS - 0.1))[1:] == (12 * 16000, "b c d e")
+    audio, n, prefix = recent.prepend(sec(SELF_CONTEXT_SECONDS))
+    assert (n, prefix, audio.size) == (0, None, SELF_CONTEXT_SECONDS * 16000)
     full = RecentSpeech(max_seconds=15)  # full-window finals: only Whisper's window bounds it
     for text in ("a", "b", "c"):
         full.add(sec(5), text)
