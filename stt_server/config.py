@@ -161,7 +161,8 @@ class Config:
     )
     max_batch: int = _setting(
         8,
-        "requests of one kind (finals, or previews) decoded together in one model call",
+        "requests of one kind (finals, or previews) decoded together in one model call "
+        "(on a CPU only previews are batched, at most 24 s of audio a call)",
         validator=_positive,
     )
     inference_timeout: float = _setting(

@@ -23,6 +23,13 @@ from .whisper import WhisperModel, cuda_device_count
 
 log = logging.getLogger(__name__)
 
+#: Seconds of audio a batch of partials may hold on a CPU. The decoder batches well there, the
+#: encoder does not (it costs per second of audio): seven 9 s partials in one call took 1.05 s,
+#: holding a worker that a final could have had. With this bound a preview call stays near
+#: 0.4 s. Measured with 12 users (three runs each, alternating): p95 final 1.35 / 1.12 / 0.77 s
+#: with it and finals unbatched, 1.66 / 1.26 / 1.49 s without (docs/benchmarks.md).
+CPU_MAX_BATCH_AUDIO = 24.0
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
     # CTranslate2 reports CUDA allocation failures as RuntimeError("... out of memory ...").
@@ -235,9 +242,17 @@ async def open_pool(
             lambda: WhisperModel.load(config, device=device, device_index=index)
         )
 
-    def engine(speech: SpeechModel, label: str) -> Engine:
+    def engine(speech: SpeechModel, label: str, *, on_cpu: bool) -> Engine:
         return Engine(
-            speech, device=label, workers=config.inference_workers, max_batch=config.max_batch
+            speech,
+            device=label,
+            workers=config.inference_workers,
+            max_batch=config.max_batch,
+            # On a CPU the encoder costs per request: a batch of finals is no cheaper than
+            # its finals one after another, and each waits for the slowest. Only short
+            # previews batch well there.
+            batch_finals=not on_cpu,
+            max_batch_audio=CPU_MAX_BATCH_AUDIO if on_cpu else None,
         )
 
     if config.simulate_gpus:
@@ -249,7 +264,7 @@ async def open_pool(
             config.simulate_gpus,
         )
         devices = [
-            Device(f"sim:{i}", engine(cpu, f"sim:{i}"), i, breaker(f"sim:{i}"))
+            Device(f"sim:{i}", engine(cpu, f"sim:{i}", on_cpu=True), i, breaker(f"sim:{i}"))
             for i in range(len(source))
         ]
         return DevicePool(
@@ -272,7 +287,7 @@ async def open_pool(
             devices = [
                 Device(
                     f"cuda:{r.index}",
-                    engine(await load("cuda", r.index), f"cuda:{r.index}"),
+                    engine(await load("cuda", r.index), f"cuda:{r.index}", on_cpu=False),
                     r.index,
                     breaker(f"cuda:{r.index}"),
                 )
@@ -291,4 +306,12 @@ async def open_pool(
         log.info("GPU monitoring off: CUDA device 0 without VRAM admission")
     speech = await load(device)
     label = "cuda:0" if device == "cuda" else "cpu"
-    return DevicePool([Device(label, engine(speech, label), 0 if device == "cuda" else None)])
+    return DevicePool(
+        [
+            Device(
+                label,
+                engine(speech, label, on_cpu=device == "cpu"),
+                0 if device == "cuda" else None,
+            )
+        ]
+    )

@@ -36,7 +36,10 @@ arrive: under load batches form by themselves, a lone request never waits, and t
 queued for two idle workers run side by side rather than in one batch. On a CPU the decoder is
 mostly per-step overhead, so eight sequences decoded together cost little more than one (the
 encoder still costs per request); on CUDA batching is the main lever. Kinds are never mixed,
-so a final never waits for a partial's decode to end.
+so a final never waits for a partial's decode to end. On a CPU the engine is built with
+``batch_finals=False`` (a batch of finals, long windows whose encoder dominates, costs what
+they cost one after another, and each waits for the slowest) and ``max_batch_audio``, so that
+a batch of partials holds a worker for a bounded time.
 
 A caller that is cancelled while its request is still queued takes it out of the queue; one
 cancelled while its request runs simply stops waiting (a thread cannot be interrupted).
@@ -53,6 +56,8 @@ from typing import Protocol
 import attrs
 import numpy as np
 import trio
+
+from .protocol import MODEL_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +205,21 @@ class Engine:
         device: str,
         workers: int,
         max_batch: int = 1,
+        batch_finals: bool = True,
+        max_batch_audio: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """``batch_finals`` False: finals and guesses at them go to the model one per call
+        (on a CPU, where batching them saves nothing and makes each wait for the others).
+        ``max_batch_audio``: seconds of audio a batch of partials may hold at most (None = no
+        bound), so that previews tie a worker up for a bounded time."""
         self.model = model
         self._transcribe_batch = getattr(model, "transcribe_batch", None)
         self._max_batch = max_batch if self._transcribe_batch is not None else 1
+        self._batch_finals = batch_finals
+        self._max_batch_samples = (
+            None if max_batch_audio is None else int(max_batch_audio * MODEL_SAMPLE_RATE)
+        )
         self.device = device
         self.limiter = trio.CapacityLimiter(workers)
         self._clock = clock
@@ -226,6 +241,17 @@ class Engine:
         self._batched = 0
         #: Told the outcome of every inference (None = success); feeds the device's breaker.
         self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
+
+    @property
+    def batch_finals(self) -> bool:
+        return self._batch_finals
+
+    @property
+    def max_batch_audio(self) -> float | None:
+        """Seconds of audio a batch of partials may hold (None: no bound)."""
+        if self._max_batch_samples is None:
+            return None
+        return self._max_batch_samples / MODEL_SAMPLE_RATE
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests until cancelled. Start with ``nursery.start(engine.run)``."""
@@ -299,14 +325,14 @@ class Engine:
         of the queue: the workers that are free split it, so that two finals queued with two
         workers idle run side by side instead of one waiting for the other's batch."""
         if self._finals:
-            return self._share(self._finals, self._free_workers())
+            return self._share(self._finals, self._free_workers(), batch=self._batch_finals)
         if self._speculative:
-            return self._share(self._speculative, self._free_workers())
+            return self._share(self._speculative, self._free_workers(), batch=self._batch_finals)
         free_slots = self._partial_slots - self._running_partials
         if free_slots <= 0:
             return []
         if self._partials:
-            return self._share(self._partials, free_slots)
+            return self._share(self._partials, free_slots, max_samples=self._max_batch_samples)
         if self._uploads:
             # A file chunk is a full 30 s window: batched, it would hold the others' answers.
             return [self._uploads.popleft()]
@@ -316,17 +342,30 @@ class Engine:
         return max(1, int(self.limiter.total_tokens) - self._busy)
 
     def _share(
-        self, queue: collections.deque[_Job] | dict[Hashable, _Job], free: int
+        self,
+        queue: collections.deque[_Job] | dict[Hashable, _Job],
+        free: int,
+        *,
+        batch: bool = True,
+        max_samples: int | None = None,
     ) -> list[_Job]:
-        count = min(self._max_batch, -(-len(queue) // free))
-        if isinstance(queue, dict):
+        count = min(self._max_batch, -(-len(queue) // free)) if batch else 1
+        taken: list[_Job] = []
+        samples = 0
+        while queue and len(taken) < count:
             # Per-session queues: the session that has waited longest comes first.
-            batch = [queue.pop(next(iter(queue))) for _ in range(count)]
-        else:
-            batch = [queue.popleft() for _ in range(count)]
+            job = queue[next(iter(queue))] if isinstance(queue, dict) else queue[0]
+            if taken and max_samples is not None and samples + job.audio.size > max_samples:
+                break
+            if isinstance(queue, dict):
+                del queue[job.owner]
+            else:
+                queue.popleft()
+            taken.append(job)
+            samples += job.audio.size
         if queue:
             self._wakeup.unpark()  # the rest is another free worker's share
-        return batch
+        return taken
 
     async def _worker(self) -> None:
         while True:

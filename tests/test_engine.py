@@ -445,6 +445,63 @@ async def test_finals_queued_for_idle_workers_run_side_by_side_not_in_one_batch(
     assert sorted(model.calls) == ["final:1", "final:2"] and model.batches == []
 
 
+async def test_unbatched_finals_and_guesses_go_one_per_call_while_partials_still_batch() -> None:
+    """``batch_finals=False`` (how CPU engines are built): three queued finals and three queued
+    guesses are three and three calls, in order; the partials queued beside them still go
+    together."""
+    model = BatchingModel()
+    engine = Engine(model, device="cpu", workers=1, max_batch=8, batch_finals=False)
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "blocker", 0, PARTIAL, "z")
+        await trio.testing.wait_all_tasks_blocked()
+        for i, owner in enumerate("abc"):
+            nursery.start_soon(ask, f"{owner}-partial", 1 + i, PARTIAL, owner)
+            nursery.start_soon(ask, f"{owner}-guess", 4 + i, guess, owner)
+            nursery.start_soon(ask, f"{owner}-final", 7 + i, FINAL, owner)
+            await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 10)
+        nursery.cancel_scope.cancel()
+    finals, guesses = ["final:7", "final:8", "final:9"], ["final:4", "final:5", "final:6"]
+    assert model.calls == ["partial:0", *finals, *guesses]
+    assert model.batches == [["partial:1", "partial:2", "partial:3"]]
+
+
+async def test_a_batch_of_partials_holds_no_more_audio_than_max_batch_audio() -> None:
+    """Four queued 2 s partials with a 5 s bound: two calls of two. A partial longer than the
+    bound still runs, alone."""
+    model = BatchingModel()
+    engine = Engine(model, device="cpu", workers=1, max_batch=8, max_batch_audio=5.0)
+    assert engine.max_batch_audio == 5.0
+    results: dict[str, object] = {}
+
+    async def ask(owner: str, tag: int, seconds: float) -> None:
+        audio = np.full(int(seconds * 16000), tag, dtype=np.float32)
+        results[owner] = await engine.transcribe(audio, PARTIAL, owner=owner)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "z", 0, 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        for i, owner in enumerate("abcd"):
+            nursery.start_soon(ask, owner, 1 + i, 2.0)
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "e", 5, 7.0)
+        nursery.start_soon(ask, "f", 6, 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 7)
+        nursery.cancel_scope.cancel()
+    assert model.calls == ["partial:0", "partial:5", "partial:6"]
+    assert model.batches == [["partial:1", "partial:2"], ["partial:3", "partial:4"]]
+
+
 async def test_a_model_without_batches_gets_one_request_at_a_time() -> None:
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=1, max_batch=8)

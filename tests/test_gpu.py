@@ -20,7 +20,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from stt_server.admission import Decision, RefusalReason
 from stt_server.breaker import BreakerState, CircuitBreaker
 from stt_server.config import Config
-from stt_server.devices import open_pool
+from stt_server.devices import CPU_MAX_BATCH_AUDIO, open_pool
 from stt_server.engine import TranscribeOptions
 from stt_server.gpu import GpuMonitor, GpuReading, GpuSource, NvmlSource, NvmlUnavailable
 
@@ -255,6 +255,11 @@ async def test_without_gpus_the_cpu_engine_serves_and_says_so(caplog) -> None:
     assert [d.label for d in pool.devices] == ["cpu"]
     assert "NVML unavailable (no driver (the test says so))" in caplog.text
     assert "running inference on the CPU" in caplog.text
+    # On a CPU a batch of finals saves nothing and a long batch of partials holds a worker.
+    engine = pool.devices[0].engine
+    assert not engine.batch_finals and engine.max_batch_audio == CPU_MAX_BATCH_AUDIO
+    simulated = await open_pool(Config(**gpus("8000:0")), Instant())  # GPUs whose work runs here
+    assert not simulated.devices[0].engine.batch_finals
     off = await open_pool(
         Config(enable_gpu_monitoring=False, device="cpu"),
         Instant(),
@@ -272,6 +277,8 @@ async def test_with_nvml_gpus_each_gets_an_engine_a_breaker_and_vram_admission(c
     assert [(d.label, d.index) for d in pool.devices] == [("cuda:0", 0), ("cuda:1", 1)]
     assert all(d.breaker is not None for d in pool.devices)
     assert "GPU monitoring on 2 GPU(s): 0=H100 81559 MB, 1=H100 81559 MB" in caplog.text
+    # On CUDA batching is the main lever: every kind batches, without a bound in seconds.
+    assert all(d.engine.batch_finals and d.engine.max_batch_audio is None for d in pool.devices)
     # NVML present but monitoring off: CUDA device 0, no VRAM admission.
     off = await open_pool(
         Config(enable_gpu_monitoring=False), Instant(), nvml=lambda: nvml, cuda_devices=lambda: 2
