@@ -10,6 +10,7 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState
 
@@ -88,10 +89,15 @@ class AdminApp(App[None]):
     def on_snapshot_arrived(self, message: SnapshotArrived) -> None:
         snap = message.snapshot
         try:
-            self.query_one(Summary).show(snap)
-            self.query_one(GpuPanel).show(snap["gpus"])
-            self.query_one(SessionsTable).show(snap["sessions"])
-            self.query_one(KickedList).show(snap["kicked"])
+            summary, gpus = self.query_one(Summary), self.query_one(GpuPanel)
+            sessions, kicked = self.query_one(SessionsTable), self.query_one(KickedList)
+        except NoMatches:
+            return  # the console is closing: its widgets are gone, a late snapshot is not
+        try:
+            summary.show(snap)
+            gpus.show(snap["gpus"])
+            sessions.show(snap["sessions"])
+            kicked.show(snap["kicked"])
         except (KeyError, TypeError, ValueError) as exc:
             # A server of another version: say so rather than crash the console.
             self.notify(f"unexpected snapshot from the server ({exc!r})", severity="error")
@@ -105,7 +111,11 @@ class AdminApp(App[None]):
         if self.connected:
             self.notify(f"lost the server: {message.reason}", severity="error", timeout=4)
         self.connected = False
-        self.query_one(Summary).show_disconnected(message.reason, message.retry_in)
+        try:
+            summary = self.query_one(Summary)
+        except NoMatches:
+            return  # the console is closing
+        summary.show_disconnected(message.reason, message.retry_in)
 
     def on_action_done(self, message: ActionDone) -> None:
         self.notify(message.text, severity="information" if message.ok else "error", timeout=4)

@@ -23,6 +23,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from admin_tui.app import AdminApp
 from admin_tui.client import ControlClient
+from admin_tui.messages import Disconnected, SnapshotArrived
 from admin_tui.screens import ConfirmScreen, HelpScreen, PromptScreen
 from admin_tui.widgets.gpus import GpuPanel
 from admin_tui.widgets.kicked import KickedList
@@ -298,3 +299,21 @@ async def test_an_unexpected_snapshot_is_reported_not_a_crash() -> None:
 
     notes = await trio.to_thread.run_sync(asyncio.run, scenario())
     assert any("unexpected snapshot" in n for n in notes)
+
+
+async def test_a_snapshot_or_disconnect_that_arrives_while_the_console_closes_is_dropped() -> None:
+    """The watch posts a snapshot every interval; one can be handled after the console has
+    begun to close and its widgets are gone (seen in CI). It is dropped, not a crash."""
+
+    async def scenario() -> bool:
+        app = AdminApp(CannedControl(), clock=False)
+        async with app.run_test() as pilot:
+            await until(lambda: app.snapshot is not None)
+            await app.query_one(Summary).remove()
+            await pilot.pause()
+            app.on_snapshot_arrived(SnapshotArrived(BUSY))
+            app.on_disconnected(Disconnected("the server closed the connection", 1.0))
+            await pilot.pause()
+            return app.is_running
+
+    assert await trio.to_thread.run_sync(asyncio.run, scenario())
