@@ -491,9 +491,10 @@ async def test_a_batch_of_partials_holds_no_more_audio_than_max_batch_audio() ->
         for i, owner in enumerate("abcd"):
             nursery.start_soon(ask, owner, 1 + i, 2.0)
             await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(ask, "e", 5, 7.0)
-        nursery.start_soon(ask, "f", 6, 1.0)
-        await trio.testing.wait_all_tasks_blocked()
+        for owner, tag, seconds in (("e", 5, 7.0), ("f", 6, 1.0)):
+            # One at a time: tasks started together queue in no set order.
+            nursery.start_soon(ask, owner, tag, seconds)
+            await trio.testing.wait_all_tasks_blocked()
         model.gate.set()
         with trio.fail_after(30):
             await wait_until(lambda: len(results) == 7)
