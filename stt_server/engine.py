@@ -216,7 +216,8 @@ class Engine:
         self.model = model
         self._transcribe_batch = getattr(model, "transcribe_batch", None)
         self._max_batch = max_batch if self._transcribe_batch is not None else 1
-        self._batch_finals = batch_finals
+        self.batch_finals = batch_finals
+        self.max_batch_audio = max_batch_audio
         self._max_batch_samples = (
             None if max_batch_audio is None else int(max_batch_audio * MODEL_SAMPLE_RATE)
         )
@@ -241,17 +242,6 @@ class Engine:
         self._batched = 0
         #: Told the outcome of every inference (None = success); feeds the device's breaker.
         self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
-
-    @property
-    def batch_finals(self) -> bool:
-        return self._batch_finals
-
-    @property
-    def max_batch_audio(self) -> float | None:
-        """Seconds of audio a batch of partials may hold (None: no bound)."""
-        if self._max_batch_samples is None:
-            return None
-        return self._max_batch_samples / MODEL_SAMPLE_RATE
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests until cancelled. Start with ``nursery.start(engine.run)``."""
@@ -325,9 +315,9 @@ class Engine:
         of the queue: the workers that are free split it, so that two finals queued with two
         workers idle run side by side instead of one waiting for the other's batch."""
         if self._finals:
-            return self._share(self._finals, self._free_workers(), batch=self._batch_finals)
+            return self._share(self._finals, self._free_workers(), batch=self.batch_finals)
         if self._speculative:
-            return self._share(self._speculative, self._free_workers(), batch=self._batch_finals)
+            return self._share(self._speculative, self._free_workers(), batch=self.batch_finals)
         free_slots = self._partial_slots - self._running_partials
         if free_slots <= 0:
             return []
