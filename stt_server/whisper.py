@@ -14,7 +14,7 @@ from .context import compression_ratio
 from .cudalibs import preload_cuda_libraries
 from .engine import Recognition, Segment, TranscribeOptions, Word
 from .modelfiles import resolve_model
-from .windowing import cut_loop, is_looping, keep_spoken, split_segments
+from .windowing import cut_loop, cut_restart, is_looping, keep_spoken, split_segments
 
 log = logging.getLogger(__name__)
 
@@ -330,17 +330,26 @@ class WhisperModel:
         if output.no_speech_prob > _NO_SPEECH_THRESHOLD and avg_logprob < _LOG_PROB_THRESHOLD:
             return Recognition("")
         new = text[len(plan.prefix) :].strip() if text.startswith(plan.prefix) else None
+        if not new or avg_logprob < _LOG_PROB_THRESHOLD:
+            # Nothing after the prefix, the prefix not echoed, or the decoder unsure.
+            return self._full_window(plan)
         if (
-            not new  # nothing after the prefix, or the prefix not echoed
-            or not tokens
-            or len(tokens) >= plan.budget
-            or avg_logprob < _LOG_PROB_THRESHOLD
+            len(tokens) >= plan.budget
             or is_looping(new)
             or compression_ratio(new) > _COMPRESSION_RATIO_THRESHOLD
         ):
-            log.debug("right-sized final not trusted; decoding it on the full window")
-            return self._recognize(plan.audio, plan.options)
+            # Past the speech, the decoder read its window again from the start: what it said
+            # before that is the answer (the full window cost a second of a core, and misheard
+            # jfk.wav's "And so my fellow Americans" that the short window had right).
+            kept = cut_restart(new, plan.prefix)
+            if kept is None or is_looping(kept):
+                return self._full_window(plan)
+            return Recognition(kept)
         return Recognition(new)
+
+    def _full_window(self, plan: _Planned) -> Recognition:
+        log.debug("right-sized final not trusted; decoding it on the full window")
+        return self._recognize(plan.audio, plan.options)
 
     def _recognize(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
         """Whisper's full 30 s window (faster-whisper's own loop, with its fallbacks)."""

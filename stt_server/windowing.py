@@ -11,6 +11,12 @@ padding. Decoding with timestamps makes those visible: each segment says where i
   inside one segment, it is cut where the repetition begins (:func:`cut_loop`): a partial is a
   preview, and the next one or the final has the rest.
 
+Finals are decoded without timestamps, and one that repeats itself is not trusted. Only one
+kind is cut rather than decoded again on the full window (:func:`cut_restart`): the decoder,
+past the end of the speech, reads its window again from the start, its own first words or the
+context's, until it runs out of tokens. Every other loop might be speech that says the same
+words twice, which only the full window can tell.
+
 Token ids are plain integers here; timestamps are the ids at and above ``timestamp_begin``, one
 step per 20 ms, as in Whisper's vocabulary.
 """
@@ -86,17 +92,48 @@ def is_looping(text: str) -> bool:
 
 def cut_loop(text: str) -> str:
     """The text up to where it starts repeating itself (all of it when it does not)."""
+    pieces, words, owners = _words_with_owners(text)
+    start = _loop_start(words)
+    if start is None:
+        return text
+    return " ".join(pieces[: owners[start]]).strip()
+
+
+def _words_with_owners(text: str) -> tuple[list[str], list[str], list[int]]:
+    """The text's whitespace-separated pieces, its words, and for each word its piece."""
     pieces = text.split()
-    owners: list[int] = []  # for each word, the whitespace-separated piece it came from
+    owners: list[int] = []
     words: list[str] = []
     for index, piece in enumerate(pieces):
         for word in _words(piece):
             words.append(word)
             owners.append(index)
-    start = _loop_start(words)
-    if start is None:
-        return text
-    return " ".join(pieces[: owners[start]]).strip()
+    return pieces, words, owners
+
+
+def _reads_again(tail: list[str], source: list[str]) -> bool:
+    """``tail`` is ``source`` read over again (and again), as far as it goes."""
+    return all(word == source[k % len(source)] for k, word in enumerate(tail))
+
+
+def cut_restart(text: str, lead: str = "") -> str | None:
+    """The text up to where the decoder starts reading its window again, or None where it does
+    not. A restart runs to the end of the text: from some word on, everything is the text's
+    own beginning again (at least its first two words, and three where it has them), or the
+    window's beginning (``lead``, the context's text before it, then the text). What is kept
+    has two different words at least: "no no no no" is likelier said than a restart."""
+    pieces, words, owners = _words_with_owners(text)
+    lead_words = _words(lead)
+    for i in range(2, len(words)):
+        tail, head = words[i:], words[:i]
+        if len(tail) < min(len(head), 3):
+            break
+        sources = (head, lead_words + head) if lead_words else (head,)
+        if any(_reads_again(tail, source) for source in sources):
+            if len(set(head)) < 2:
+                return None
+            return " ".join(pieces[: owners[i]]).strip()
+    return None
 
 
 def _restarts_or_repeats(kept: list[str], new: list[str]) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from stt_server import whisper
 from stt_server.engine import TranscribeOptions
 from stt_server.loadtest.wer import word_error_rate
-from stt_server.windowing import cut_loop, is_looping, keep_spoken, split_segments
+from stt_server.windowing import cut_loop, cut_restart, is_looping, keep_spoken, split_segments
 
 TS = 50000  # timestamp_begin in these made-up token ids: id TS + k is k * 20 ms
 
@@ -203,7 +203,8 @@ def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window
     def generate(self, group):
         prefix = tokenizer.encode(" " + JFK)
         new = {
-            "loops": tokenizer.encode(" she had your dark suit. she had your dark suit."),
+            # A loop, but not a restart: speech may say the same five words twice.
+            "loops": tokenizer.encode(" she had your dark suit and she had your dark suit on."),
             # No word twice: only the budget can tell this one from a real answer.
             "runs out": tokenizer.encode("".join(f" w{i}x" for i in range(120))),
             "unsure": tokenizer.encode(" she had your dark suit in greasy wash water."),
@@ -218,6 +219,55 @@ def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window
     text = speech_model.transcribe(audio, options).text
     assert full.calls == [audio.size]  # the full window, with the context in front
     assert word_error_rate(LDC, text) <= 0.3 and not is_looping(text), text
+
+
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [
+        # It reads its own words again until it runs out of tokens...
+        (" She had your dark suit. She had your dark suit. She had", "She had your dark suit."),
+        # ... or the window's, the context first.
+        (" In greasy wash water. And so my fellow Americans, ask not what your country can do"
+         " for you. In greasy wash water. And so my", "In greasy wash water."),
+        (" Ask not. Ask not.", "Ask not."),
+    ],
+)  # fmt: skip
+def test_a_right_sized_final_that_reads_its_window_again_is_cut_not_redone(
+    speech_model, clip, monkeypatch, said, kept
+) -> None:
+    audio, options = context_request(clip)
+    tokenizer = speech_model._tokenizer("en", "transcribe")
+
+    def generate(self, group):
+        return [FakeOutput([tokenizer.encode(" " + JFK) + tokenizer.encode(said)])]
+
+    monkeypatch.setattr(type(speech_model), "_generate", generate)
+    full = FullWindowSpy(monkeypatch, speech_model)
+    monkeypatch.setattr(speech_model, "short_finals", True)
+    assert speech_model.transcribe(audio, options).text == kept
+    assert full.calls == []
+
+
+@pytest.mark.parametrize(
+    ("text", "lead", "kept"),
+    [
+        ("I am sitting in a room. I am sitting in a room. I am", "", "I am sitting in a room."),
+        ("Ask not. Ask not. Ask not. Ask", "", "Ask not."),
+        # From the context's first word: the window read again.
+        ("Different from the one you are in now. I am sitting in a room. Different from",
+         "I am sitting in a room.", "Different from the one you are in now."),
+        # Speech that says words twice is not a restart: what follows differs, or the kept
+        # text is one word said over, or too little is said again to tell.
+        ("We shall fight on the beaches, we shall fight on the landing grounds", "", None),
+        ("no no no no", "", None),
+        ("She had your dark suit. She had", "", None),
+        ("ask not what your country can do for you", "", None),
+    ],
+)  # fmt: skip
+def test_a_restart_is_told_from_speech_that_repeats_itself(
+    text: str, lead: str, kept: str | None
+) -> None:
+    assert cut_restart(text, lead) == kept
 
 
 def test_a_batch_answers_each_request_as_alone_and_a_bad_one_fails_alone(
