@@ -17,7 +17,8 @@ answers with events. It is in one of two states:
     keeping ``speech_pad`` of the silence after the last speech. An utterance that reaches
     ``max_utterance`` is cut at its most recent pause in the second half when there is one
     (so no word is split), otherwise hard, and the rest continues as a new utterance.
-    Every ``partial_interval`` of new audio a :class:`PartialDue` asks for a partial transcript.
+    Every ``partial_interval`` of new audio a :class:`PartialDue` asks for a partial transcript,
+    except while a pause is out (below): its audio is then being decoded as the final.
 
     Once a silent run reaches ``speech_pad``, the audio the utterance will end with if the
     silence lasts is already here: :class:`SpeechPaused` hands it over, so that the final can be
@@ -242,7 +243,10 @@ class Segmenter:
                 self._preroll.append(tail[-self._pad :].copy() if self._pad else tail[:0].copy())
                 self._preroll_len = self._preroll[-1].size
             return events
-        if self._since_partial >= self._partial_every and self._speech:
+        # While a pause is out its audio is already being decoded as the final: a partial of
+        # the same speech would only take a worker from it. The audio counts on, so a partial
+        # is due as soon as speech resumes.
+        if self._since_partial >= self._partial_every and self._speech and not self._paused:
             self._since_partial = 0
             events.append(PartialDue(self._open_id, self._buf[: self._len].copy()))
         return events

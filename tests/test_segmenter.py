@@ -171,6 +171,22 @@ def test_speech_after_a_short_pause_takes_the_paused_audio_back() -> None:
     assert first.audio.size < utt.audio.size and np.array_equal(second.audio, utt.audio)
 
 
+def test_no_partial_is_due_while_a_pause_is_out_and_one_is_as_soon_as_speech_resumes() -> None:
+    seg = Segmenter(SETTINGS)
+    # 1 s of speech, then a pause of 0.55 s: out from 0.3 s on, under min_silence (0.6 s).
+    probs = [0.9] * secs(1.0) + [0.0] * secs(0.55) + [0.9] * secs(0.2)
+    events = feed(seg, probs)
+    paused = next(i for i, e in enumerate(events) if isinstance(e, SpeechPaused))
+    resumed = next(i for i, e in enumerate(events) if isinstance(e, SpeechResumed))
+    assert not any(isinstance(e, PartialDue) for e in events[paused:resumed])
+    # More than partial_interval of new audio had come by the time speech resumed: the partial
+    # comes with the first window of speech again, and has it.
+    due = events[resumed + 1]
+    assert isinstance(due, PartialDue)
+    first_again = secs(1.0) + secs(0.55)  # the index of the first window of speech again
+    assert due.audio[-1] == pytest.approx(0.1 + first_again * 1e-6, abs=1e-7)
+
+
 def test_no_pause_is_announced_for_a_flush_or_a_length_cut() -> None:
     seg = Segmenter(SETTINGS)
     events = feed(seg, [0.9] * secs(6.0))  # max_utterance 5 s: a hard cut, no silence
