@@ -154,7 +154,7 @@ class Config:
     )
     short_finals: bool = _setting(
         True,
-        "decode finals on a window of their context and speech plus 5 s of silence instead of "
+        "decode finals on a window of their context and speech plus 3 s of silence instead of "
         "Whisper's full 30 s; one that starts over is cut where it does, one that otherwise "
         "loops or is unsure is redone on the full window",
         parse=_parse_bool,

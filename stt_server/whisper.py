@@ -35,9 +35,11 @@ SAMPLE_RATE = 16000
 SHORT_WINDOW_PAD = 0.5
 
 #: Silence after a right-sized final's audio. Decoded without timestamps, Whisper on a short
-#: window starts the sentence over unless it hears a few seconds of nothing after it (measured
-#: on the shipped clips: 3 s still loses words to restarts, 5 s does not).
-FINAL_PAD = 5.0
+#: window tends to read it again from the start once past the speech; such a restart is cut
+#: (``cut_restart``), so the pad only has to let the decoder end its sentence. Measured on the
+#: shipped clips (benchmarks/final_windows.py): 3 s reads as well as 5 s, and costs 6 % less
+#: CPU per final; with 2 s lucier.wav lost a word in one run of two.
+FINAL_PAD = 3.0
 
 #: Right-sized windows of one batch differ in length by at most this factor (plus a second):
 #: each is padded to the longest, and padding costs encoder time.
