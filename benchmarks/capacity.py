@@ -19,9 +19,10 @@ passes when
 It prints a line per step, the largest passing N per mode, their ratio, and the server's CPU
 seconds per second of audio served (from /proc, the server process alone).
 
-The default clips leave out jfk.wav: its first utterance ("And so my fellow Americans") is cut
-at a pause, and tiny.en mishears that fragment alone (README, Known limitations), which would
-fail the WER bound at every N and hide what the ramp measures.
+The default clips leave out jfk.wav, so that the figures compare with earlier rounds
+(docs/benchmarks.md). Until right-sized finals were cut where they start over, its first
+fragment ("And so my fellow Americans") was misheard and failed the WER bound at every N; it
+streams right now, and ``--clips jfk.wav cats.wav lucier.wav ldc93s1.wav`` adds it.
 
 Modes: ``on`` is the server's defaults; ``off`` turns the throughput techniques off (every
 partial and final on Whisper's full 30 s window, finals decoded only after the endpoint, one

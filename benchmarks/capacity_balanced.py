@@ -13,8 +13,8 @@ Setups:
 For each N the real ``stt-loadtest`` runs N users for ``--runtime`` seconds at real-time
 pace (pauses 1-4 s), each from its own loopback address in its own /24 (so per-address limits
 stay as shipped and nginx's ip_hash spreads them), speaking ``--clips`` (default cats.wav and
-ldc93s1.wav: jfk.wav's first fragment is misheard by tiny.en whatever the load; see README,
-Known limitations). A step passes when p95 final latency <= ``--latency``, WER over the complete
+ldc93s1.wav, as in the runs of docs/benchmarks.md; jfk.wav's first fragment was misheard
+by tiny.en then). A step passes when p95 final latency <= ``--latency``, WER over the complete
 clips <= offline WER of the same clips (same model, whole file) + ``--wer-slack``, no errors and
 no refusals. Prints one line per step and the largest passing N per setup.
 """
