@@ -24,11 +24,10 @@ audio) that is already running.
 Speculative finals (decoded while an endpoint's silence is still being waited for) rank between
 the two: after real finals, before partials, at most one per session queued (a newer one
 replaces it) and none while that session's previous one still runs, so a speaker who pauses
-often cannot fill the device with guesses. A guess replaces its session's queued partial and
-refuses the next while it is queued or runs: it decodes the same speech, and more. Guesses may
-take any worker, the one kept for finals included: nearly every final is first a guess, and kept
-to the partials' workers they left the other idle while they queued behind partials (measured:
-12 users, two workers, two requests running at once for 10 % of the time).
+often cannot fill the device with guesses. They may take any worker, the one kept for finals
+included: nearly every final is first a guess, and kept to the partials' workers they left the
+other idle while they queued behind partials (measured: 12 users, two workers, two requests
+running at once for 10 % of the time).
 
 Batching: a model that offers ``transcribe_batch`` gets up to ``max_batch`` requests in one
 call. A worker takes what it may run (finals, else guesses, else partials) and its share of the
@@ -263,12 +262,8 @@ class Engine:
             if owner in self._speculating:
                 return None  # its previous guess still runs: no second one at once
             self._queue_per_owner(self._speculative, job)
-            # The guess decodes all the speech its session's queued partial has, and more.
-            self._supersede(self._partials.pop(owner, None))
         elif options.final:
             self._finals.append(job)
-        elif owner in self._speculative or owner in self._speculating:
-            return None  # its guess at the final has this speech already
         else:
             self._queue_per_owner(self._partials, job)
         self._wakeup.unpark()
@@ -294,13 +289,11 @@ class Engine:
     def _queue_per_owner(self, queue: dict[Hashable, _Job], job: _Job) -> None:
         """One queued job per owner: a newer one replaces it (its caller gets ``None``) and
         goes to the back of the line."""
-        self._supersede(queue.pop(job.owner, None))
-        queue[job.owner] = job
-
-    def _supersede(self, replaced: _Job | None) -> None:
+        replaced = queue.pop(job.owner, None)
         if replaced is not None:
             self._superseded += 1
             replaced.finish()
+        queue[job.owner] = job
 
     def _withdraw(self, job: _Job) -> None:
         if job.taken:

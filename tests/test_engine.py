@@ -330,38 +330,6 @@ async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a
     assert model.calls == ["final:1", "final:6", "final:4", "partial:5"]
 
 
-async def test_a_guess_at_a_final_replaces_and_refuses_its_sessions_partials_only() -> None:
-    model = GatedModel()
-    engine = Engine(model, device="cpu", workers=1)
-    guess = TranscribeOptions(final=True, speculative=True)
-    results: dict[str, object] = {}
-    ask = asker(engine, results)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
-        nursery.start_soon(ask, "blocker", 0, FINAL, "z")
-        await trio.testing.wait_all_tasks_blocked()
-        for key, n, options, owner in (
-            ("a-partial", 1, PARTIAL, "a"),
-            ("b-partial", 2, PARTIAL, "b"),
-            ("a-guess", 3, guess, "a"),
-        ):
-            nursery.start_soon(ask, key, n, options, owner)
-            await trio.testing.wait_all_tasks_blocked()
-        assert results["a-partial"] is None  # the guess has its speech, and more
-        # Nor is a's next partial queued while the guess waits.
-        nursery.start_soon(ask, "a-partial-later", 4, PARTIAL, "a")
-        await trio.testing.wait_all_tasks_blocked()
-        assert results["a-partial-later"] is None
-        assert engine.statistics().queued_partials == 1
-        model.gate.set()
-        with trio.fail_after(30):
-            await wait_until(lambda: len(results) == 5)
-        nursery.cancel_scope.cancel()
-    assert model.calls == ["final:0", "final:3", "partial:2"]
-    assert engine.statistics().partials_superseded == 1
-
-
 async def test_a_guess_at_a_final_may_take_the_worker_kept_for_finals() -> None:
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=2)
@@ -491,8 +459,7 @@ async def test_unbatched_finals_and_guesses_go_one_per_call_while_partials_still
         nursery.start_soon(ask, "blocker", 0, PARTIAL, "z")
         await trio.testing.wait_all_tasks_blocked()
         for i, owner in enumerate("abc"):
-            # Other sessions' partials: a guess replaces its own session's.
-            nursery.start_soon(ask, f"{owner}-partial", 1 + i, PARTIAL, owner.upper())
+            nursery.start_soon(ask, f"{owner}-partial", 1 + i, PARTIAL, owner)
             nursery.start_soon(ask, f"{owner}-guess", 4 + i, guess, owner)
             nursery.start_soon(ask, f"{owner}-final", 7 + i, FINAL, owner)
             await trio.testing.wait_all_tasks_blocked()
