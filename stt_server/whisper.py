@@ -316,8 +316,9 @@ class WhisperModel:
         )
 
     def _conclude(self, plan: _Planned, output) -> Recognition:
-        """The text of a right-sized decode, or the full-window answer where it cannot be
-        trusted (it loops, runs out of tokens, or is unsure of itself)."""
+        """The text of a right-sized decode; cut where it starts reading its window again
+        (``cut_restart``); or the full-window answer where it cannot be trusted otherwise (it
+        loops, runs out of tokens, says nothing new, or is unsure of itself)."""
         tokens = output.sequences_ids[0] if output.sequences_ids else []
         if not plan.options.final:
             segments = split_segments(tokens, plan.tokenizer.timestamp_begin)
@@ -343,8 +344,8 @@ class WhisperModel:
             # Past the speech, the decoder read its window again from the start: what it said
             # before that is the answer (the full window cost a second of a core, and misheard
             # jfk.wav's "And so my fellow Americans" that the short window had right).
-            kept = cut_restart(new, plan.prefix)
-            if kept is None or is_looping(kept):
+            kept = cut_restart(new, plan.prefix, ran_out=len(tokens) >= plan.budget)
+            if not kept or is_looping(kept):
                 return self._full_window(plan)
             return Recognition(kept)
         return Recognition(new)

@@ -116,18 +116,22 @@ def _reads_again(tail: list[str], source: list[str]) -> bool:
     return all(word == source[k % len(source)] for k, word in enumerate(tail))
 
 
-def cut_restart(text: str, lead: str = "") -> str | None:
+def cut_restart(text: str, lead: str = "", *, ran_out: bool = False) -> str | None:
     """The text up to where the decoder starts reading its window again, or None where it does
-    not. A restart runs to the end of the text: from some word on, everything is the text's
-    own beginning again (at least its first two words, and three where it has them), or the
-    window's beginning (``lead``, the context's text before it, then the text). What is kept
-    has two different words at least: "no no no no" is likelier said than a restart."""
+    not. A restart runs to the end of the text: from the start of a word on, everything is the
+    text's own beginning again, or the window's beginning (``lead``, the context's text before
+    it, then the text). Speech may say a few words twice ("thank you, thank you"), so unless
+    the decoder ``ran_out`` of tokens (it was still going), the beginning read again must be at
+    least three words, and all of it must come again. What is kept has two different words at
+    least: "no no no no" is likelier said than a restart."""
     pieces, words, owners = _words_with_owners(text)
     lead_words = _words(lead)
     for i in range(2, len(words)):
         tail, head = words[i:], words[:i]
-        if len(tail) < min(len(head), 3):
+        if len(tail) < (min(len(head), 3) if ran_out else len(head)):
             break
+        if (not ran_out and len(head) < 3) or owners[i] == owners[i - 1]:
+            continue  # too little said to tell, or inside a piece ("suit.She"): no cut there
         sources = (head, lead_words + head) if lead_words else (head,)
         if any(_reads_again(tail, source) for source in sources):
             if len(set(head)) < 2:

@@ -172,7 +172,8 @@ def test_speech_after_a_short_pause_takes_the_paused_audio_back() -> None:
 
 
 def test_no_partial_is_due_while_a_pause_is_out_and_one_is_as_soon_as_speech_resumes() -> None:
-    seg = Segmenter(SETTINGS)
+    # Partials every 0.1 s: two or three would be due in the 0.25 s the pause is out.
+    seg = Segmenter(attrs.evolve(SETTINGS, partial_interval=0.1))
     # 1 s of speech, then a pause of 0.55 s: out from 0.3 s on, under min_silence (0.6 s).
     probs = [0.9] * secs(1.0) + [0.0] * secs(0.55) + [0.9] * secs(0.2)
     events = feed(seg, probs)

@@ -229,7 +229,8 @@ def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window
         # ... or the window's, the context first.
         (" In greasy wash water. And so my fellow Americans, ask not what your country can do"
          " for you. In greasy wash water. And so my", "In greasy wash water."),
-        (" Ask not. Ask not.", "Ask not."),
+        # Two words said over and over until the token budget is spent.
+        (" Ask not." * 12, "Ask not."),
     ],
 )  # fmt: skip
 def test_a_right_sized_final_that_reads_its_window_again_is_cut_not_redone(
@@ -249,25 +250,54 @@ def test_a_right_sized_final_that_reads_its_window_again_is_cut_not_redone(
 
 
 @pytest.mark.parametrize(
-    ("text", "lead", "kept"),
+    ("text", "lead", "ran_out", "kept"),
     [
-        ("I am sitting in a room. I am sitting in a room. I am", "", "I am sitting in a room."),
-        ("Ask not. Ask not. Ask not. Ask", "", "Ask not."),
+        ("I am sitting in a room. I am sitting in a room. I", "", False, "I am sitting in a room."),
+        # All of the beginning again, exactly: the shortest restart told without a spent budget.
+        ("She had your dark suit. She had your dark suit.", "", False, "She had your dark suit."),
         # From the context's first word: the window read again.
-        ("Different from the one you are in now. I am sitting in a room. Different from",
-         "I am sitting in a room.", "Different from the one you are in now."),
-        # Speech that says words twice is not a restart: what follows differs, or the kept
-        # text is one word said over, or too little is said again to tell.
-        ("We shall fight on the beaches, we shall fight on the landing grounds", "", None),
-        ("no no no no", "", None),
-        ("She had your dark suit. She had", "", None),
-        ("ask not what your country can do for you", "", None),
+        ("Different from the one you are in now. I am sitting in a room. Different from the one",
+         "I am sitting in a room.", False, "Different from the one you are in now."),
+        # Two words, or three words of a longer beginning, only when the budget ran out.
+        ("Ask not. Ask not. Ask not. Ask", "", True, "Ask not."),
+        ("Ask not. Ask not. Ask not. Ask", "", False, None),
+        ("She had your dark suit. She had your", "", True, "She had your dark suit."),
+        ("She had your dark suit. She had", "", True, None),
+        # Speech that says words twice is not a restart: what follows differs, the kept text
+        # is one word said over, or the beginning comes again only in part.
+        ("We shall fight on the beaches, we shall fight on the landing grounds", "", False, None),
+        ("We shall fight on the beaches, we shall fight on the landing grounds, we shall fight",
+         "", False, None),
+        ("thank you, thank you", "", False, None),
+        ("no no no no", "", True, None),
+        ("ask not what your country can do for you", "", False, None),
+        # No cut inside a piece: "suit.She" is one, and so is text written without spaces.
+        ("She had your dark suit.She had your dark suit.She had your dark suit.", "", True, None),
+        ("你好世界。谢谢。你好世界。谢谢。", "", True, None),
     ],
 )  # fmt: skip
 def test_a_restart_is_told_from_speech_that_repeats_itself(
-    text: str, lead: str, kept: str | None
+    text: str, lead: str, ran_out: bool, kept: str | None
 ) -> None:
-    assert cut_restart(text, lead) == kept
+    assert cut_restart(text, lead, ran_out=ran_out) == kept
+
+
+def test_a_cut_final_that_still_loops_is_redone_on_the_full_window(
+    speech_model, clip, monkeypatch
+) -> None:
+    """The text before the restart loops itself: only the full window can be trusted."""
+    audio, options = context_request(clip)
+    tokenizer = speech_model._tokenizer("en", "transcribe")
+    looping = " she she she had your. she she she had your."
+
+    def generate(self, group):
+        return [FakeOutput([tokenizer.encode(" " + JFK) + tokenizer.encode(looping)])]
+
+    monkeypatch.setattr(type(speech_model), "_generate", generate)
+    full = FullWindowSpy(monkeypatch, speech_model)
+    monkeypatch.setattr(speech_model, "short_finals", True)
+    speech_model.transcribe(audio, options)
+    assert full.calls == [audio.size]
 
 
 def test_a_batch_answers_each_request_as_alone_and_a_bad_one_fails_alone(
