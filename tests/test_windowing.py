@@ -193,31 +193,37 @@ class FakeOutput:
     no_speech_prob: float = 0.0
 
 
-@pytest.mark.parametrize("problem", ["loops", "runs out", "unsure", "says nothing new"])
-def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window(
-    speech_model, clip, monkeypatch, problem
-) -> None:
+def final_that_says(speech_model, clip, monkeypatch, said: str, score: float = -0.1):
+    """A right-sized final of ``context_request`` whose decode answers the context's text, then
+    ``said``: ``(its text, the audio sizes decoded on the full window, the request's audio)``."""
     audio, options = context_request(clip)
     tokenizer = speech_model._tokenizer("en", "transcribe")
+    answer = tokenizer.encode(" " + JFK) + (tokenizer.encode(said) if said else [])
 
     def generate(self, group):
-        prefix = tokenizer.encode(" " + JFK)
-        new = {
-            # A loop, but not a restart: speech may say the same five words twice.
-            "loops": tokenizer.encode(" she had your dark suit and she had your dark suit on."),
-            # No word twice: only the budget can tell this one from a real answer.
-            "runs out": tokenizer.encode("".join(f" w{i}x" for i in range(120))),
-            "unsure": tokenizer.encode(" she had your dark suit in greasy wash water."),
-            "says nothing new": [],
-        }[problem]
-        score = -3.0 if problem == "unsure" else -0.1
-        return [FakeOutput([prefix + new], (score,)) for _ in group]
+        return [FakeOutput([answer], (score,)) for _ in group]
 
     monkeypatch.setattr(type(speech_model), "_generate", generate)
     full = FullWindowSpy(monkeypatch, speech_model)
     monkeypatch.setattr(speech_model, "short_finals", True)
-    text = speech_model.transcribe(audio, options).text
-    assert full.calls == [audio.size]  # the full window, with the context in front
+    return speech_model.transcribe(audio, options).text, full.calls, audio
+
+
+@pytest.mark.parametrize("problem", ["loops", "runs out", "unsure", "says nothing new"])
+def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window(
+    speech_model, clip, monkeypatch, problem
+) -> None:
+    said = {
+        # A loop, but not a restart: speech may say the same five words twice.
+        "loops": " she had your dark suit and she had your dark suit on.",
+        # No word twice: only the budget can tell this one from a real answer.
+        "runs out": "".join(f" w{i}x" for i in range(120)),
+        "unsure": " she had your dark suit in greasy wash water.",
+        "says nothing new": "",
+    }[problem]
+    score = -3.0 if problem == "unsure" else -0.1
+    text, full, audio = final_that_says(speech_model, clip, monkeypatch, said, score)
+    assert full == [audio.size]  # the full window, with the context in front
     assert word_error_rate(LDC, text) <= 0.3 and not is_looping(text), text
 
 
@@ -236,17 +242,9 @@ def test_a_right_sized_final_that_cannot_be_trusted_is_redone_on_the_full_window
 def test_a_right_sized_final_that_reads_its_window_again_is_cut_not_redone(
     speech_model, clip, monkeypatch, said, kept
 ) -> None:
-    audio, options = context_request(clip)
-    tokenizer = speech_model._tokenizer("en", "transcribe")
-
-    def generate(self, group):
-        return [FakeOutput([tokenizer.encode(" " + JFK) + tokenizer.encode(said)])]
-
-    monkeypatch.setattr(type(speech_model), "_generate", generate)
-    full = FullWindowSpy(monkeypatch, speech_model)
-    monkeypatch.setattr(speech_model, "short_finals", True)
-    assert speech_model.transcribe(audio, options).text == kept
-    assert full.calls == []
+    text, full, _ = final_that_says(speech_model, clip, monkeypatch, said)
+    assert text == kept
+    assert full == []
 
 
 @pytest.mark.parametrize(
@@ -286,18 +284,9 @@ def test_a_cut_final_that_still_loops_is_redone_on_the_full_window(
     speech_model, clip, monkeypatch
 ) -> None:
     """The text before the restart loops itself: only the full window can be trusted."""
-    audio, options = context_request(clip)
-    tokenizer = speech_model._tokenizer("en", "transcribe")
     looping = " she she she had your. she she she had your."
-
-    def generate(self, group):
-        return [FakeOutput([tokenizer.encode(" " + JFK) + tokenizer.encode(looping)])]
-
-    monkeypatch.setattr(type(speech_model), "_generate", generate)
-    full = FullWindowSpy(monkeypatch, speech_model)
-    monkeypatch.setattr(speech_model, "short_finals", True)
-    speech_model.transcribe(audio, options)
-    assert full.calls == [audio.size]
+    _, full, audio = final_that_says(speech_model, clip, monkeypatch, looping)
+    assert full == [audio.size]
 
 
 def test_a_batch_answers_each_request_as_alone_and_a_bad_one_fails_alone(
