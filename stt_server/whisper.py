@@ -336,15 +336,12 @@ class WhisperModel:
         if not new or avg_logprob < _LOG_PROB_THRESHOLD:
             # Nothing after the prefix, the prefix not echoed, or the decoder unsure.
             return self._full_window(plan)
-        if (
-            len(tokens) >= plan.budget
-            or is_looping(new)
-            or compression_ratio(new) > _COMPRESSION_RATIO_THRESHOLD
-        ):
+        ran_out = len(tokens) >= plan.budget
+        if ran_out or is_looping(new) or compression_ratio(new) > _COMPRESSION_RATIO_THRESHOLD:
             # Past the speech, the decoder read its window again from the start: what it said
             # before that is the answer (the full window cost a second of a core, and misheard
             # jfk.wav's "And so my fellow Americans" that the short window had right).
-            kept = cut_restart(new, plan.prefix, ran_out=len(tokens) >= plan.budget)
+            kept = cut_restart(new, plan.prefix, ran_out=ran_out)
             if not kept or is_looping(kept):
                 return self._full_window(plan)
             return Recognition(kept)
