@@ -2,12 +2,13 @@
 the throughput techniques, in the same run.
 
     python benchmarks/capacity.py                         # ramp 1 2 4 6 8 10 12 16, on and off
-    python benchmarks/capacity.py --clients 4 8 --seconds 30 --modes on
+    python benchmarks/capacity.py --clients 4 8 --modes on
 
 For each mode a server is started (``stt-server`` subprocess, per-address limits off); for each
-N, N clients stream at real-time pace for ``--seconds``, each looping its clip (clips cycled
-over the clients) with 1.5 s pauses between readings, as a person reading aloud would. A step
-passes when
+N, N clients stream at real-time pace for about ``--seconds`` (whole readings of their clip,
+at least the longest clip once, so that all N stay on the server to the end of the step), each
+looping its clip (clips cycled over the clients) with 1.5 s pauses between readings, as a
+person reading aloud would. A step passes when
 
 - p95 final latency <= ``--latency`` (the client had sent the utterance's last audio ->
   its ``completed`` arrived; this includes the server's ``min_silence`` endpoint wait),
@@ -67,14 +68,21 @@ RATE = 16000
 
 
 def looped(clip: np.ndarray, seconds: float) -> tuple[np.ndarray, int]:
-    """The clip, a pause, the clip again... at least ``seconds`` long; and how many readings."""
+    """The clip, a pause, the clip again...: the whole number of readings (at least one) that
+    comes nearest ``seconds``; and that number. Nearest, not at least: a client that streamed
+    on well after the others would be measured on a quieter server."""
     pause = np.zeros(int(PAUSE * RATE), dtype=np.int16)
-    pieces, total, readings = [], 0, 0
-    while total < seconds * RATE:
-        pieces += [clip, pause]
-        total += clip.size + pause.size
-        readings += 1
-    return np.concatenate(pieces), readings
+    readings = max(1, round(seconds * RATE / (clip.size + pause.size)))
+    return np.concatenate([clip, pause] * readings), readings
+
+
+def sustained_seconds(names: list[str], seconds: float) -> float:
+    """``seconds``, or the longest clip's reading where that is longer: every client then
+    streams about as long as the others, and all N are on the server for the whole step.
+    (With 30 s and lucier.wav's 101 s reading, the other clients were done after a third of
+    the step, and two thirds of its finals were measured with 5 users on the server, not N.)"""
+    longest = max(read_wav(CLIPS_DIR / name).size for name in names) / RATE + PAUSE
+    return max(seconds, longest)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -177,13 +185,22 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 6, 8, 10, 12, 16])
-    parser.add_argument("--seconds", type=float, default=40.0, help="audio per client per step")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=100.0,
+        help="audio per client per step (at least the longest clip's reading)",
+    )
     parser.add_argument("--clips", nargs="+", default=["cats.wav", "lucier.wav", "ldc93s1.wav"])
     parser.add_argument("--modes", nargs="+", default=["on", "off"], choices=sorted(MODES))
     parser.add_argument("--latency", type=float, default=1.0, help="p95 final latency bound (s)")
     parser.add_argument("--partial-gap", type=float, default=1.5, help="p95 partial gap bound")
     parser.add_argument("--wer-slack", type=float, default=0.01, help="WER above offline allowed")
     args = parser.parse_args()
+    seconds = sustained_seconds(args.clips, args.seconds)
+    if seconds > args.seconds:
+        print(f"--seconds {args.seconds:g} is shorter than the longest clip: {seconds:.0f} s")
+    args.seconds = seconds
     offline = offline_wer(sorted(set(args.clips)), references())
     best = {mode: run_mode(mode, args, offline) for mode in args.modes}
     if set(best) == {"on", "off"}:
