@@ -300,7 +300,7 @@ async def test_the_page_transcribes_the_microphone_live(
     # full window, "a doc suit in ... for" on a right-sized one; the reference says "your dark
     # suit in ... water"): check the words it always gets right.
     heard = " ".join(final_words)
-    assert "she had" in heard and "suit" in heard and "greasy" in heard, events
+    assert "she had" in heard and "suit" in heard, events
     assert "greasy wash" in heard and heard.endswith("all year"), events
     partials = [e for e in events[:first_final] if e["kind"] == "partial"]
     assert partials, f"no partial before the first final: {events}"
