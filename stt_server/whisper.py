@@ -475,15 +475,28 @@ class _Planned:
     def length(self) -> float:
         return self.audio.size / SAMPLE_RATE + self.pad
 
+    @property
+    def layout(self) -> tuple[int, int]:
+        """CTranslate2 decodes in one call only prompts whose previous text (the client's
+        prompt, hotwords) has one length and whose task tokens are as many; it raises
+        otherwise. Where ``<|startoftranscript|>`` is, and how many task tokens follow."""
+        start = self.prompt.index(self.tokenizer.sot)
+        task = {*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps}
+        count = 0
+        while start + count < len(self.prompt) and self.prompt[start + count] in task:
+            count += 1
+        return start, count
+
 
 def _groups(planned: list[_Planned]) -> list[list[_Planned]]:
-    """Batches for the model: the same beam size, windows of similar length."""
+    """Batches for the model: the same beam size and prompt layout, windows of similar
+    length."""
     groups: list[list[_Planned]] = []
-    for plan in sorted(planned, key=lambda p: (p.beam, p.length)):
+    for plan in sorted(planned, key=lambda p: (p.beam, p.layout, p.length)):
         group = groups[-1] if groups else None
         if (
             group is not None
-            and group[0].beam == plan.beam
+            and (group[0].beam, group[0].layout) == (plan.beam, plan.layout)
             and plan.length <= group[0].length * BATCH_LENGTH_SPREAD + 1.0
         ):
             group.append(plan)

@@ -322,6 +322,38 @@ def test_a_batch_answers_each_request_as_alone_and_a_bad_one_fails_alone(
     assert word_error_rate(LDC, together[0]) <= 0.2 and "ask not" in together[1].lower()
 
 
+def test_finals_whose_prompts_differ_in_length_go_to_the_model_apart(
+    speech_model, clip, monkeypatch
+) -> None:
+    """CTranslate2 decodes in one call only prompts whose previous text has one length (it
+    raises otherwise, and the batch would be decoded again one by one): two sessions' finals
+    with client prompts of different lengths are two calls, neither failing."""
+    monkeypatch.setattr(speech_model, "short_finals", True)
+    ldc = clip("ldc93s1.wav").astype(np.float32) / 32768
+    requests = [
+        (ldc, TranscribeOptions(final=True, language="en", prompt="A reading.")),
+        (ldc, TranscribeOptions(final=True, language="en", prompt="A reading of a sentence.")),
+        (ldc, TranscribeOptions(final=True, language="en", prompt="Some reading.")),
+    ]
+    calls, failures = [], []
+    real_generate = type(speech_model)._generate
+
+    def spying(self, group):
+        calls.append(len(group))
+        try:
+            return real_generate(self, group)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    monkeypatch.setattr(type(speech_model), "_generate", spying)
+    results = speech_model.transcribe_batch(requests)
+    assert failures == [], failures
+    assert sorted(calls) == [1, 2]  # the two prompts of one length together
+    for result in results:
+        assert word_error_rate(LDC, result.text) <= 0.2, result.text
+
+
 def test_a_loaded_model_keeps_numpy_blas_to_one_thread(speech_model, clip) -> None:
     """An idle OpenBLAS pool spins between requests; one thread must be all it has. Measured
     as a person would notice it: a partial costs no more CPU time than wall time."""
