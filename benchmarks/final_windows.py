@@ -88,17 +88,17 @@ def utterances(path: Path, vad_model: SileroModel) -> list[np.ndarray]:
 def more_clips(directory: Path, refs: dict[str, str]) -> dict[str, Path]:
     """The --more clips, written to ``directory``; their references added to ``refs``."""
     paths: dict[str, Path] = {}
-    if shutil.which("sox"):
-        for name in ("cats.wav", "lucier.wav", "jfk.wav"):
-            for tempo in TEMPOS:
-                out = directory / f"{name.removesuffix('.wav')}@{tempo}.wav"
-                command = ["sox", str(CLIPS_DIR / name), "-r", str(RATE), str(out), "tempo", tempo]
-                subprocess.run(command, check=True, capture_output=True)
-                paths[out.name], refs[out.name] = out, refs[name]
-    else:
-        print("sox not found: no tempo variants", file=sys.stderr)
-    if not shutil.which("espeak-ng") or not shutil.which("sox"):
-        print("espeak-ng or sox not found: no read passages", file=sys.stderr)
+    if not shutil.which("sox"):
+        print("sox not found: no tempo variants, no read passages", file=sys.stderr)
+        return paths
+    for name in ("cats.wav", "lucier.wav", "jfk.wav"):
+        for tempo in TEMPOS:
+            out = directory / f"{name.removesuffix('.wav')}@{tempo}.wav"
+            command = ["sox", str(CLIPS_DIR / name), "-r", str(RATE), str(out), "tempo", tempo]
+            subprocess.run(command, check=True, capture_output=True)
+            paths[out.name], refs[out.name] = out, refs[name]
+    if not shutil.which("espeak-ng"):
+        print("espeak-ng not found: no read passages", file=sys.stderr)
         return paths
     pauses = random.Random(7)
     for title, text in PASSAGES.items():

@@ -326,8 +326,8 @@ def test_finals_whose_prompts_differ_in_length_go_to_the_model_apart(
     speech_model, clip, monkeypatch
 ) -> None:
     """CTranslate2 decodes in one call only prompts whose previous text has one length (it
-    raises otherwise, and the batch would be decoded again one by one): two sessions' finals
-    with client prompts of different lengths are two calls, neither failing."""
+    raises otherwise, and the batch would be decoded again one by one): finals whose client
+    prompts differ in length go in separate calls, none failing."""
     monkeypatch.setattr(speech_model, "short_finals", True)
     ldc = clip("ldc93s1.wav").astype(np.float32) / 32768
     requests = [
