@@ -6,9 +6,14 @@ the throughput techniques, in the same run.
 
 For each mode a server is started (``stt-server`` subprocess, per-address limits off); for each
 N, N clients stream at real-time pace for about ``--seconds`` (whole readings of their clip,
-at least the longest clip once, so that all N stay on the server to the end of the step), each
-looping its clip (clips cycled over the clients) with 1.5 s pauses between readings, as a
-person reading aloud would. A step passes when
+at least the longest clip once), each looping its clip (clips cycled over the clients) with
+1.5 s pauses between readings, as a person reading aloud would. The clients start at moments
+spread over ``--spread`` seconds, so that those reading the same clip pause at unrelated
+times, as independent speakers do (started within 2 s, as before 2026-12-04, every third
+client ended its utterances within a second or two of the others': a burst of finals at each
+of lucier.wav's pauses). Only what happens while all N stream is measured: finals whose
+speech ended, and partial gaps that ended, between the last client's start and the first
+client's end. A step passes when
 
 - p95 final latency <= ``--latency`` (the client had sent the utterance's last audio ->
   its ``completed`` arrived; this includes the server's ``min_silence`` endpoint wait),
@@ -64,6 +69,7 @@ MODES = {
     "no-batching": ["--max-batch", "1"],
 }  # fmt: skip
 PAUSE = 1.5  # seconds of silence between two readings of a clip
+GOLDEN = (5**0.5 - 1) / 2
 RATE = 16000
 
 
@@ -95,11 +101,33 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def one_step(url: str, tracks: list[tuple[str, np.ndarray, str]]) -> list[StreamResult]:
+def start_offsets(n: int, spread: float) -> list[float]:
+    """When each of ``n`` clients starts, within ``spread`` seconds: the fractional parts of
+    multiples of the golden ratio, so that any number of clients, and every third of them (the
+    clients reading one clip), lie far apart."""
+    return [(i * GOLDEN) % 1.0 * spread for i in range(n)]
+
+
+def full_load(results: list[StreamResult]) -> tuple[float, float]:
+    """The span of time in which every client was streaming: from the last one's first chunk
+    to the first one's last chunk."""
+    spans = [r.streamed for r in results]
+    if any(span is None for span in spans):
+        raise SystemExit("a client sent no audio")
+    start, end = max(s[0] for s in spans), min(s[1] for s in spans)
+    if end <= start:
+        raise SystemExit("no moment with every client streaming: --spread >= --seconds")
+    return start, end
+
+
+async def one_step(
+    url: str, tracks: list[tuple[str, np.ndarray, str]], spread: float
+) -> list[StreamResult]:
     results: list[StreamResult | None] = [None] * len(tracks)
+    offsets = start_offsets(len(tracks), spread)
 
     async def client(i: int, samples: np.ndarray) -> None:
-        await trio.sleep(i * 0.37 % 2.0)  # people do not start in step
+        await trio.sleep(offsets[i])  # people do not start in step
         results[i] = await stream_audio(url, samples)
 
     async with trio.open_nursery() as nursery:
@@ -148,11 +176,12 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
                 samples, readings = looped(read_wav(CLIPS_DIR / name), args.seconds)
                 tracks.append((name, samples, " ".join([refs[name]] * readings)))
             cpu_before, wall_before = cpu_seconds(proc.pid), time.monotonic()
-            results = trio.run(one_step, url, tracks)
+            results = trio.run(one_step, url, tracks, args.spread)
             cpu = cpu_seconds(proc.pid) - cpu_before
             audio = sum(t[1].size for t in tracks) / RATE
-            finals = [lat for r in results for lat in r.final_latencies()]
-            gaps = [g for r in results for g in r.partial_intervals()]
+            loaded = full_load(results)
+            finals = [lat for r in results for lat in r.final_latencies(within=loaded)]
+            gaps = [g for r in results for g in r.partial_intervals(within=loaded)]
             stream_wer = statistics.mean(
                 word_error_rate(ref, r.text) for (_, _, ref), r in zip(tracks, results, strict=True)
             )
@@ -170,7 +199,7 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
                 f"   {percentile(gaps, 95):14.2f}   {stream_wer * 100:6.1f}% / {base * 100:4.1f}%"
                 f"   {cpu / audio:12.3f}   {'yes' if ok else 'no'}"
                 f"{f'  ({errors} errors)' if errors else ''}"
-                f"  [{time.monotonic() - wall_before:.0f} s]",
+                f"  [{time.monotonic() - wall_before:.0f} s, {len(finals)} finals]",
                 flush=True,
             )
             if ok:
@@ -196,6 +225,12 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=1.0, help="p95 final latency bound (s)")
     parser.add_argument("--partial-gap", type=float, default=1.5, help="p95 partial gap bound")
     parser.add_argument("--wer-slack", type=float, default=0.01, help="WER above offline allowed")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=40.0,
+        help="clients start within this many seconds (2: nearly in step, as before 2026-12-04)",
+    )
     args = parser.parse_args()
     seconds = sustained_seconds(args.clips, args.seconds)
     if seconds > args.seconds:

@@ -7,13 +7,14 @@ a fraction of N users on the server; these pin the two helpers that prevent that
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stt_server.loadtest.client import read_wav
+from stt_server.loadtest.client import StreamResult, read_wav
 from stt_server.loadtest.clips import CLIPS_DIR
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "capacity.py"
@@ -53,3 +54,39 @@ def test_a_step_is_never_shorter_than_the_longest_clip(capacity) -> None:
         audio, _ = capacity.looped(clip, seconds)
         reading = (clip.size + int(capacity.PAUSE * capacity.RATE)) / capacity.RATE
         assert abs(audio.size / capacity.RATE - seconds) <= reading / 2 + 1e-6
+
+
+def test_clients_reading_one_clip_start_seconds_apart(capacity) -> None:
+    """Started in step, the clients of one clip paused together: a burst of finals at each of
+    its pauses, which independent speakers do not make."""
+    spread, clips = 40.0, 3
+    offsets = capacity.start_offsets(16, spread)
+    assert offsets[0] == 0.0 and all(0.0 <= o < spread for o in offsets)
+    for first in range(clips):
+        same_clip = sorted(offsets[first::clips])
+        assert min(b - a for a, b in itertools.pairwise(same_clip)) >= 5.0
+
+
+def _streamed(first: float, last: float, *events: tuple[float, dict]) -> StreamResult:
+    sent = [(first + t, t) for t in np.arange(0.0, last - first + 0.05, 0.1)]
+    return StreamResult(messages=list(events), sent=sent)
+
+
+def test_only_what_happens_while_every_client_streams_is_measured(capacity) -> None:
+    early = _streamed(
+        0.0,
+        50.0,
+        (3.5, {"type": "completed", "end": 3.0, "text": "alone"}),  # before the other started
+        (20.6, {"type": "completed", "end": 20.0, "text": "loaded"}),
+        (21.0, {"type": "realtime", "utterance_id": 7, "text": "a"}),
+        (22.2, {"type": "realtime", "utterance_id": 7, "text": "a b"}),
+    )
+    late = _streamed(10.0, 60.0)
+    window = capacity.full_load([early, late])
+    assert window == pytest.approx((10.0, 50.0), abs=0.11)
+    assert early.final_latencies() == pytest.approx([0.5, 0.6], abs=0.11)
+    assert early.final_latencies(within=window) == pytest.approx([0.6], abs=0.11)
+    assert early.partial_intervals(within=window) == pytest.approx([1.2])
+    assert early.partial_intervals(within=(0.0, 22.0)) == []
+    with pytest.raises(SystemExit):
+        capacity.full_load([early, _streamed(55.0, 90.0)])

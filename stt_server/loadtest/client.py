@@ -152,26 +152,37 @@ class StreamResult:
         i = bisect.bisect_left(positions, audio_seconds - 1e-6)
         return self.sent[i][0] if i < len(self.sent) else None
 
-    def final_latencies(self) -> list[float]:
-        """For each final: arrival minus the moment its last audio had been sent."""
+    @property
+    def streamed(self) -> tuple[float, float] | None:
+        """When the first and the last chunk of audio had been sent (None: none was)."""
+        return (self.sent[0][0], self.sent[-1][0]) if self.sent else None
+
+    def final_latencies(self, within: tuple[float, float] | None = None) -> list[float]:
+        """For each final: arrival minus the moment its last audio had been sent. ``within``:
+        only finals whose last audio was sent in that span of time."""
         out = []
         for t, m in self.messages:
             if m.get("type") == "completed":
                 sent = self.sent_time(m["end"])
-                if sent is not None:
+                if sent is not None and _inside(sent, within):
                     out.append(t - sent)
         return out
 
-    def partial_intervals(self) -> list[float]:
-        """Gaps between consecutive partials of the same utterance."""
+    def partial_intervals(self, within: tuple[float, float] | None = None) -> list[float]:
+        """Gaps between consecutive partials of the same utterance. ``within``: only gaps
+        that end in that span of time."""
         gaps, last = [], {}
         for t, m in self.messages:
             if m.get("type") == "realtime":
                 uid = m["utterance_id"]
-                if uid in last:
+                if uid in last and _inside(t, within):
                     gaps.append(t - last[uid])
                 last[uid] = t
         return gaps
+
+
+def _inside(moment: float, span: tuple[float, float] | None) -> bool:
+    return span is None or span[0] <= moment <= span[1]
 
 
 @attrs.frozen
