@@ -1,7 +1,9 @@
-"""The capacity benchmark's step shape: every client stays on the server to the end of a step.
+"""The capacity benchmark's step shape: every client stays on the server to the end of a step,
+the clients do not start in step, and only the time when all of them stream is measured.
 
 A step that let the short clips' clients finish after a third of it measured most finals with
-a fraction of N users on the server; these pin the two helpers that prevent that.
+a fraction of N users on the server, and clients of one clip started together paused
+together; these pin the helpers that prevent both.
 """
 
 from __future__ import annotations
