@@ -152,6 +152,14 @@ class Config:
         parse=_parse_bool,
         metavar="BOOL",
     )
+    tail_partials: bool = _setting(
+        True,
+        "decode a long utterance's partial on its last seconds only, joined to the words of the "
+        "partial shown before it (the whole utterance again where they do not join); needs "
+        "short_partials",
+        parse=_parse_bool,
+        metavar="BOOL",
+    )
     short_finals: bool = _setting(
         True,
         "decode finals on a window of their context and speech plus 3 s of silence instead of "

@@ -91,6 +91,11 @@ class TranscribeOptions:
     #: A final decoded before its endpoint is certain (decoded as a final, scheduled below
     #: real finals, one per session at a time: see Engine).
     speculative: bool = False
+    #: A partial's: the text of the last partial of this utterance that the client was shown,
+    #: and how many samples of the utterance it was decoded on. A long utterance's partial may
+    #: then decode only its last seconds and join their words to it (``tail_partials``).
+    shown: str | None = None
+    shown_samples: int = 0
 
 
 class ModelCallFailed(RuntimeError):

@@ -14,7 +14,14 @@ from .context import compression_ratio
 from .cudalibs import preload_cuda_libraries
 from .engine import Recognition, Segment, TranscribeOptions, Word
 from .modelfiles import resolve_model
-from .windowing import cut_loop, cut_restart, is_looping, keep_spoken, split_segments
+from .windowing import (
+    cut_loop,
+    cut_restart,
+    is_looping,
+    keep_spoken,
+    split_segments,
+    stitch_tail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,17 @@ SAMPLE_RATE = 16000
 
 #: Silence after the audio in a short window: the decoder needs a little to end on.
 SHORT_WINDOW_PAD = 0.5
+
+#: Tail partials: a partial decodes only the utterance's last seconds where an earlier partial
+#: of it was shown. The tail reaches back ``TAIL_OVERLAP`` s into the audio that partial was
+#: decoded on (never less than ``TAIL_SECONDS`` in all), and is used only where it leaves out
+#: ``TAIL_SAVES`` s of the utterance or more. The words the tail reads in its first second or
+#: so had no sentence before them, and what the tail reads after the joint stays in every later
+#: partial of the utterance (``stitch_tail``): 3 s of overlap rather than 2 gave the same
+#: saving with fewer misread words kept (benchmarks/tail_partials.py, docs/benchmarks.md).
+TAIL_SECONDS = 3.0
+TAIL_OVERLAP = 3.0
+TAIL_SAVES = 1.5
 
 #: Silence after a right-sized final's audio. Decoded without timestamps, Whisper on a short
 #: window tends to read it again from the start once past the speech; such a restart is cut
@@ -108,6 +126,7 @@ class WhisperModel:
     partial_beam_size: int
     _model: object
     short_partials: bool = False
+    tail_partials: bool = False
     short_finals: bool = False
     _tokenizers: dict = attrs.field(factory=dict)
     _warm: bool = False
@@ -139,6 +158,7 @@ class WhisperModel:
             partial_beam_size=config.partial_beam_size,
             model=model,
             short_partials=config.short_partials,
+            tail_partials=config.tail_partials,
             short_finals=config.short_finals,
         )
 
@@ -231,19 +251,14 @@ class WhisperModel:
             # A partial reads neither the prompt nor the context: it is a preview, and the
             # speech alone on its own short window is the cheapest thing that shows it.
             speech = audio[options.context_samples :]
-            duration = speech.size / SAMPLE_RATE
-            budget = int(duration * PARTIAL_TOKENS_PER_SECOND) + 6
-            return _Planned(
-                index=index,
-                audio=speech,
-                options=options,
-                detected=detected,
-                pad=SHORT_WINDOW_PAD,
-                prompt=list(tokenizer.sot_sequence),
-                budget=budget,
-                beam=self.partial_beam_size,
-                tokenizer=tokenizer,
-                duration=duration,
+            whole = self._partial_plan(index, speech, options, detected, tokenizer)
+            tail = self._tail_samples(speech.size, options)
+            if tail is None:
+                return whole
+            return attrs.evolve(
+                self._partial_plan(index, speech[-tail:], options, detected, tokenizer),
+                earlier=options.shown,
+                whole=whole,
             )
         if not self.short_finals or audio.size / SAMPLE_RATE + FINAL_PAD > 30.0:
             return None
@@ -279,6 +294,40 @@ class WhisperModel:
             duration=duration,
             prefix=prefix,
         )
+
+    def _partial_plan(
+        self,
+        index: int,
+        speech: np.ndarray,
+        options: TranscribeOptions,
+        detected: _Detected,
+        tokenizer,
+    ) -> _Planned:
+        duration = speech.size / SAMPLE_RATE
+        return _Planned(
+            index=index,
+            audio=speech,
+            options=options,
+            detected=detected,
+            pad=SHORT_WINDOW_PAD,
+            prompt=list(tokenizer.sot_sequence),
+            budget=int(duration * PARTIAL_TOKENS_PER_SECOND) + 6,
+            beam=self.partial_beam_size,
+            tokenizer=tokenizer,
+            duration=duration,
+        )
+
+    def _tail_samples(self, samples: int, options: TranscribeOptions) -> int | None:
+        """How much of the utterance's end a partial decodes where it may decode only that: an
+        earlier partial of it was shown (its words to join to), and the tail, reaching
+        ``TAIL_OVERLAP`` back into that partial's audio, leaves ``TAIL_SAVES`` out."""
+        if not (self.tail_partials and options.shown and 0 < options.shown_samples <= samples):
+            return None
+        tail = max(
+            int(TAIL_SECONDS * SAMPLE_RATE),
+            samples - options.shown_samples + int(TAIL_OVERLAP * SAMPLE_RATE),
+        )
+        return tail if samples - tail >= TAIL_SAVES * SAMPLE_RATE else None
 
     def _previous_tokens(self, options: TranscribeOptions) -> list[int]:
         """Whisper's previous-text slot, as faster-whisper fills it: hotwords (only without a
@@ -324,9 +373,15 @@ class WhisperModel:
             segments = split_segments(tokens, plan.tokenizer.timestamp_begin)
             # A preview that starts its sentence again is cut where it does: far cheaper than
             # the full window, and the next partial or the final has the rest.
-            return Recognition(
-                cut_loop(keep_spoken(segments, plan.duration, plan.tokenizer.decode))
-            )
+            text = cut_loop(keep_spoken(segments, plan.duration, plan.tokenizer.decode))
+            if plan.whole is None:
+                return Recognition(text)
+            stitched = stitch_tail(plan.earlier or "", text)
+            if stitched is not None:
+                return Recognition(stitched)
+            # The tail's words do not carry on from what was shown (a misreading on either
+            # side, or a tail that heard nothing): the whole utterance, as without a tail.
+            return self._whole_partial(plan.whole)
         text = plan.tokenizer.decode(tokens).strip()
         # faster-whisper's figures: the sequence's mean log-probability, the no-speech gate.
         avg_logprob = output.scores[0] * len(tokens) / (len(tokens) + 1)
@@ -346,6 +401,10 @@ class WhisperModel:
                 return self._full_window(plan)
             return Recognition(kept)
         return Recognition(new)
+
+    def _whole_partial(self, plan: _Planned) -> Recognition:
+        log.debug("tail partial does not join the text shown; decoding the whole utterance")
+        return self._conclude(plan, self._generate([plan])[0])
 
     def _full_window(self, plan: _Planned) -> Recognition:
         log.debug("right-sized final not trusted; decoding it on the full window")
@@ -464,6 +523,10 @@ class _Planned:
     duration: float
     #: The context's text, forced on the decoder ("" without context).
     prefix: str = ""
+    #: A tail partial's: the shown text its words join, and the plan that decodes the whole
+    #: utterance where they do not.
+    earlier: str | None = None
+    whole: _Planned | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def max_length(self) -> int:

@@ -170,3 +170,57 @@ def keep_spoken(
         kept_text.append(text)
         kept_words.extend(words)
     return " ".join(kept_text)
+
+
+#: The tail's words must meet the earlier text's in a run of at least this many.
+STITCH_RUN = 2
+
+#: The tail is aligned with the earlier text's last words only: its window covers the last few
+#: seconds, and a match further back is a phrase said twice.
+STITCH_SEARCH = 16
+
+
+def stitch_tail(earlier: str, tail: str) -> str | None:
+    """A partial's text from ``earlier`` (the text of the utterance up to a moment) and
+    ``tail`` (the text of its last few seconds decoded alone, whose start overlaps the earlier
+    text's end), or None where they cannot be joined.
+
+    The tail is aligned with the earlier text where most of its words meet the earlier text's
+    (its first word at one of the earlier text's last ``STITCH_SEARCH``), with a run of
+    ``STITCH_RUN`` words at least. The joined text is the earlier text up to the last word
+    both say, then the tail's text from that word on. Where the two disagree before that
+    word, the earlier reading is kept: it heard the sentence from its start, while the tail's
+    first words had no left context (measured: "called Menace" read as "called menus"). After
+    it, the tail's is: the earlier text's last words were cut off by its window's end (and
+    closed with a period). None where no alignment has such a run: a misreading on one side,
+    or a tail that heard nothing, which only the whole utterance can settle."""
+    pieces, words, owners = _words_with_owners(earlier)
+    tail_pieces, tail_words, tail_owners = _words_with_owners(tail)
+    best: tuple[int, int, int] | None = None  # (words met, offset, last earlier index met)
+    for offset in range(max(0, len(words) - STITCH_SEARCH), len(words)):
+        met = [
+            i
+            for i in range(offset, min(len(words), offset + len(tail_words)))
+            if words[i] == tail_words[i - offset]
+        ]
+        if not _has_run(met, STITCH_RUN):
+            continue
+        # The most words met; of equal ones the latest alignment (a phrase said twice).
+        if best is None or (len(met), offset) > best[:2]:
+            best = (len(met), offset, met[-1])
+    if best is None:
+        return None
+    _, offset, last = best
+    kept = pieces[: owners[last]]
+    joined = tail_pieces[tail_owners[last - offset] :]
+    return " ".join(kept + joined).strip()
+
+
+def _has_run(indices: list[int], length: int) -> bool:
+    """Whether the sorted ``indices`` hold ``length`` consecutive numbers."""
+    run = 0
+    for k, index in enumerate(indices):
+        run = run + 1 if k and index == indices[k - 1] + 1 else 1
+        if run >= length:
+            return True
+    return False

@@ -1,16 +1,31 @@
 """Right-sized windows: what is kept of a short-window decode, a partial's loop cut, a final's
-redone on the full window, batches, and the real model's partials and finals on short windows."""
+redone on the full window, batches, the real model's partials and finals on short windows, and
+tail partials (a long utterance's partial decoded on its end, joined to the text shown)."""
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import attrs
 import numpy as np
 import pytest
+import trio
 
 from stt_server import whisper
-from stt_server.engine import TranscribeOptions
+from stt_server.config import Config
+from stt_server.engine import Recognition, TranscribeOptions
+from stt_server.loadtest.client import stream_audio
 from stt_server.loadtest.wer import word_error_rate
-from stt_server.windowing import cut_loop, cut_restart, is_looping, keep_spoken, split_segments
+from stt_server.server import serve
+from stt_server.windowing import (
+    cut_loop,
+    cut_restart,
+    is_looping,
+    keep_spoken,
+    split_segments,
+    stitch_tail,
+)
 
 TS = 50000  # timestamp_begin in these made-up token ids: id TS + k is k * 20 ms
 
@@ -395,3 +410,196 @@ def test_a_request_that_breaks_its_batchs_decode_fails_alone(speech_model, clip,
     )
     assert isinstance(batch[1], RuntimeError)
     assert all("greasy" in r.text.lower() for r in (batch[0], batch[2])), batch
+
+
+@pytest.mark.parametrize(
+    ("earlier", "tail", "joined"),
+    [
+        # The tail's first word cut by its window's start; the earlier text's last word
+        # (cut by its own window's end) replaced by the tail's reading of it.
+        (
+            "And so, my fellow Americans, ask not what your coun",
+            "ellow Americans, ask not what your country can do",
+            "And so, my fellow Americans, ask not what your country can do",
+        ),
+        # Case and punctuation of the words both say are the earlier text's.
+        (
+            "She had your dark suit in",
+            "Dark suit in greasy wash water.",
+            "She had your dark suit in greasy wash water.",
+        ),
+        # A phrase said twice: the tail joins the later saying, nearest the window's start.
+        (
+            "we went to the shop and then we went to the",
+            "went to the park.",
+            "we went to the shop and then we went to the park.",
+        ),
+        # The alignment where most words meet wins over a later one ("the" alone).
+        (
+            "the cat sat on the mat with the",
+            "cat sat on the mat with the dog",
+            "the cat sat on the mat with the dog",
+        ),
+        # Where they disagree before their last common word, the earlier reading stays (the
+        # tail's first words had no sentence before them; cats.wav, read by the real model).
+        (
+            "So the boy whom the dark people called Menace smiled more often than he",
+            "people called menus smiled more often than he wept as",
+            "So the boy whom the dark people called Menace smiled more often than he wept as",
+        ),
+        # The earlier text's last word closed its window with a period; the tail read it
+        # mid-sentence.
+        (
+            "yet had left him this small furry thing to mitigate.",
+            "thing to mitigate his sorrow, and when",
+            "yet had left him this small furry thing to mitigate his sorrow, and when",
+        ),
+    ],
+)
+def test_a_tail_joins_the_earlier_text_where_their_words_meet(earlier, tail, joined) -> None:
+    assert stitch_tail(earlier, tail) == joined
+
+
+@pytest.mark.parametrize(
+    ("earlier", "tail"),
+    [
+        ("She had your dark suit in", "something else entirely"),  # a misreading on one side
+        ("She had your dark suit in", ""),  # the tail heard nothing
+        ("She had your dark suit in", "in"),  # one word is no anchor
+        ("", "greasy wash water"),
+        # Words met here and there, never two in a row: common words by chance.
+        ("the cat and the dog", "the bird and a fish"),
+        # The words meet only if the tail began before the utterance did.
+        ("She had your dark suit in", "oh my word and what a dark suit in greasy wash"),
+    ],
+)
+def test_a_tail_that_does_not_meet_the_earlier_text_is_not_joined(earlier, tail) -> None:
+    assert stitch_tail(earlier, tail) is None
+
+
+def test_a_tail_matches_only_near_the_earlier_texts_end() -> None:
+    """A run far back (the utterance's opening words, said again at its end) is not where the
+    tail's window starts: joining there would drop everything said in between."""
+    earlier = "one two three " + " ".join(f"w{i}" for i in range(20))
+    assert stitch_tail(earlier, "one two three four") is None
+
+
+def partial_windows(monkeypatch, model) -> tuple[list[float], list[int]]:
+    """Spies: the windows (seconds, padding included) that partials were decoded on, and the
+    tail partials decoded again on the whole utterance."""
+    windows: list[float] = []
+    wholes: list[int] = []
+    real_generate, real_whole = type(model)._generate, type(model)._whole_partial
+
+    def generate(self, group):
+        windows.extend(round(p.length, 2) for p in group)
+        return real_generate(self, group)
+
+    def whole(self, plan):
+        wholes.append(plan.audio.size)
+        return real_whole(self, plan)
+
+    monkeypatch.setattr(type(model), "_generate", generate)
+    monkeypatch.setattr(type(model), "_whole_partial", whole)
+    monkeypatch.setattr(model, "short_partials", True)
+    monkeypatch.setattr(model, "tail_partials", True)
+    return windows, wholes
+
+
+def test_a_long_utterances_partial_decodes_its_end_and_joins_the_text_shown(
+    speech_model, clip, monkeypatch
+) -> None:
+    """jfk.wav at 10 s, with its partial at 6 s shown: only the last 7 s (the 4 s since, and
+    3 s the shown partial also read) are decoded, and the joined text reads as a partial of all
+    10 s does."""
+    audio = clip("jfk.wav").astype(np.float32) / 32768
+    windows, wholes = partial_windows(monkeypatch, speech_model)
+    shown = speech_model.transcribe(audio[: 6 * 16000], TranscribeOptions(final=False)).text
+    options = TranscribeOptions(final=False, shown=shown, shown_samples=6 * 16000)
+    windows.clear()
+    joined = speech_model.transcribe(audio[: 10 * 16000], options).text
+    assert windows == [7.0 + whisper.SHORT_WINDOW_PAD] and wholes == []
+    monkeypatch.setattr(speech_model, "tail_partials", False)
+    whole = speech_model.transcribe(audio[: 10 * 16000], options).text
+    assert windows[1:] == [10.0 + whisper.SHORT_WINDOW_PAD]
+    assert joined.split()[:3] == shown.split()[:3]  # the words already shown stay
+    assert "your country" in joined.lower()  # and the tail's are joined after them
+    assert word_error_rate(whole, joined) <= 0.1, (joined, whole)
+
+
+def test_a_tail_that_does_not_join_the_text_shown_is_decoded_whole(
+    speech_model, clip, monkeypatch
+) -> None:
+    """Shown text the tail's words do not carry on from: the partial is the whole utterance's,
+    as if there were no tail, after one decode of the tail."""
+    audio = clip("jfk.wav").astype(np.float32) / 32768
+    windows, wholes = partial_windows(monkeypatch, speech_model)
+    options = TranscribeOptions(
+        final=False, shown="Completely unrelated words about", shown_samples=6 * 16000
+    )
+    text = speech_model.transcribe(audio[: 9 * 16000], options).text
+    assert wholes == [9 * 16000]
+    assert windows == [6.0 + whisper.SHORT_WINDOW_PAD, 9.0 + whisper.SHORT_WINDOW_PAD]
+    assert "unrelated" not in text and "americans" in text.lower(), text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown", "shown_seconds", "tails"),
+    [
+        (9, None, 0, True),  # nothing shown yet: nothing to join to
+        (4, "And so, my fellow", 2, True),  # a 5 s tail would leave out nothing
+        (9, "And so, my fellow Americans", 6, False),  # tail partials off
+        (9, "And so, my fellow Americans", 10, True),  # shown text of more audio: not this one's
+    ],
+)
+def test_a_partial_decodes_the_whole_utterance_where_a_tail_would_not_do(
+    speech_model, clip, monkeypatch, seconds, shown, shown_seconds, tails
+) -> None:
+    audio = clip("jfk.wav")[: seconds * 16000].astype(np.float32) / 32768
+    windows, wholes = partial_windows(monkeypatch, speech_model)
+    monkeypatch.setattr(speech_model, "tail_partials", tails)
+    options = TranscribeOptions(final=False, shown=shown, shown_samples=shown_seconds * 16000)
+    speech_model.transcribe(audio, options)
+    assert windows == [seconds + whisper.SHORT_WINDOW_PAD] and wholes == []
+
+
+@attrs.define
+class HeardModel:
+    """Answers each partial with how much speech it was given; remembers every partial asked
+    for, with that amount."""
+
+    name: str = "heard"
+    is_multilingual: bool = False
+    partials: list[tuple[TranscribeOptions, int]] = attrs.Factory(list)
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
+        if options.final:
+            return Recognition("the end.")
+        speech = audio.size - options.context_samples
+        with self._lock:
+            self.partials.append((options, speech))
+        return Recognition(f"heard {speech}")
+
+
+async def test_a_session_tells_each_partial_what_it_last_showed_of_the_utterance(clip) -> None:
+    """Through a socket, two utterances: each partial request carries the text and the
+    length of the last partial shown of its own utterance (never of the one before), so that
+    the model may decode only what came since."""
+    model = HeardModel()
+    sentence = clip("ldc93s1.wav")
+    audio = np.concatenate([sentence, np.zeros(2 * 16000, np.int16), sentence])
+    config = Config(host="127.0.0.1", port=0, control_socket="")
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(serve, config, model=model))
+        with trio.fail_after(60):
+            result = await stream_audio(f"ws://127.0.0.1:{server.port}/", audio, speed=3)
+        nursery.cancel_scope.cancel()
+    assert len(result.finals) == 2, result.finals
+    told = [(options, speech) for options, speech in model.partials if options.shown]
+    assert told, "no partial was told what was shown before it"
+    for options, speech in told:
+        assert options.shown == f"heard {options.shown_samples}"  # a partial that was shown
+        assert 0 < options.shown_samples < speech  # of this utterance, and less of it
+    # Each utterance's first partial has nothing shown before it.
+    assert len(model.partials) - len(told) >= 2
