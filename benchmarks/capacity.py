@@ -32,9 +32,9 @@ streams right now, and ``--clips jfk.wav cats.wav lucier.wav ldc93s1.wav`` adds 
 
 Modes: ``on`` is the server's defaults; ``off`` turns the throughput techniques off (every
 partial and final on Whisper's full 30 s window, finals decoded only after the endpoint, one
-request per model call), as before them; ``no-short-partials``, ``no-short-finals``,
-``no-speculative`` and ``no-batching`` leave out one each. CAPACITY_LOG_LEVEL=info shows the
-server's log.
+request per model call), as before them; ``no-short-partials``, ``no-tail-partials``,
+``no-short-finals``, ``no-speculative`` and ``no-batching`` leave out one each.
+CAPACITY_LOG_LEVEL=info shows the server's log.
 """
 
 from __future__ import annotations
@@ -58,12 +58,14 @@ MODES = {
     "on": [],
     "off": [
         "--short-partials", "false",
+        "--tail-partials", "false",
         "--short-finals", "false",
         "--speculative-finals", "false",
         "--max-batch", "1",
     ],
     # One technique left out at a time, to see what each is worth.
     "no-short-partials": ["--short-partials", "false"],
+    "no-tail-partials": ["--tail-partials", "false"],
     "no-short-finals": ["--short-finals", "false"],
     "no-speculative": ["--speculative-finals", "false"],
     "no-batching": ["--max-batch", "1"],
