@@ -188,9 +188,10 @@ class Session:
         self._latest_partial = _LatestPartial()
         self._partial_in_flight: tuple[int, trio.CancelScope] | None = None
         self._partial_shown_for = 0  # highest utterance id the client saw a partial of
-        # The last partial shown: (utterance id, its text, samples of the utterance it read).
-        # The next partial of that utterance may decode only its end and join this text.
-        self._shown_partial: tuple[int, str, int] | None = None
+        # The last partial shown: (utterance id, language, task, its text, samples of the
+        # utterance it read). The next partial of that utterance, in the same language and
+        # task, may decode only its end and join this text.
+        self._shown_partial: tuple[int, str | None, str, str, int] | None = None
         self._speculation: _Speculation | None = None
         self._last_partial_at: tuple[int, float] | None = None  # (utterance id, time shown)
         self._partial_gap: float | None = None  # moving average
@@ -791,8 +792,12 @@ class Session:
                 self._partial_in_flight = (due.utterance_id, scope)
                 audio, options = self._request(due.audio, final=False)
                 shown = self._shown_partial
-                if shown is not None and shown[0] == due.utterance_id:
-                    options = attrs.evolve(options, shown=shown[1], shown_samples=shown[2])
+                if shown is not None and shown[:3] == (
+                    due.utterance_id,
+                    options.language,
+                    options.task,
+                ):
+                    options = attrs.evolve(options, shown=shown[3], shown_samples=shown[4])
                 try:
                     with trio.fail_after(self._config.inference_timeout):
                         transcript = await self._engine.transcribe(audio, options, owner=self)
@@ -810,7 +815,13 @@ class Session:
             self._last_partial_latency = trio.current_time() - asked_at
             self._metrics.partial_latency.observe(self._last_partial_latency)
             self._partial_shown_for = due.utterance_id
-            self._shown_partial = (due.utterance_id, transcript.text, due.audio.size)
+            self._shown_partial = (
+                due.utterance_id,
+                options.language,
+                options.task,
+                transcript.text,
+                due.audio.size,
+            )
             self._observe_cadence(due.utterance_id)
             # Rendered when the emitter takes it: a dialect that appends (OpenAI's deltas)
             # computes it against what the client has really been sent.

@@ -43,14 +43,18 @@ SHORT_WINDOW_PAD = 0.5
 
 #: Tail partials: a partial decodes only the utterance's last seconds where an earlier partial
 #: of it was shown. The tail reaches back ``TAIL_OVERLAP`` s into the audio that partial was
-#: decoded on (never less than ``TAIL_SECONDS`` in all), and is used only where it leaves out
-#: ``TAIL_SAVES`` s of the utterance or more. The words the tail reads in its first second or
-#: so had no sentence before them, and what the tail reads after the joint stays in every later
-#: partial of the utterance (``stitch_tail``): 3 s of overlap rather than 2 gave the same
-#: saving with fewer misread words kept (benchmarks/tail_partials.py, docs/benchmarks.md).
-TAIL_SECONDS = 3.0
+#: decoded on, and is used only where it leaves out ``TAIL_SAVES`` s of the utterance or more.
+#: The words the tail reads in its first second or so had no sentence before them, and what
+#: the tail reads after the joint stays in every later partial of the utterance
+#: (``stitch_tail``): 3 s of overlap rather than 2 gave the same saving with fewer misread
+#: words kept (benchmarks/tail_partials.py, docs/benchmarks.md).
 TAIL_OVERLAP = 3.0
 TAIL_SAVES = 1.5
+
+#: A shown text of fewer whitespace pieces is no text to join to: too short, or written without
+#: spaces (Japanese, Chinese, Thai), where a piece holds a whole phrase and pieces seldom line
+#: up, so that nearly every tail would be decoded again whole.
+TAIL_SHOWN_PIECES = 4
 
 #: Silence after a right-sized final's audio. Decoded without timestamps, Whisper on a short
 #: window tends to read it again from the start once past the speech; such a restart is cut
@@ -319,14 +323,18 @@ class WhisperModel:
 
     def _tail_samples(self, samples: int, options: TranscribeOptions) -> int | None:
         """How much of the utterance's end a partial decodes where it may decode only that: an
-        earlier partial of it was shown (its words to join to), and the tail, reaching
-        ``TAIL_OVERLAP`` back into that partial's audio, leaves ``TAIL_SAVES`` out."""
-        if not (self.tail_partials and options.shown and 0 < options.shown_samples <= samples):
+        earlier partial of it was shown (words to join to, in pieces that can line up), it is
+        transcribed (a translation's words need not follow the audio's order), and the tail,
+        reaching ``TAIL_OVERLAP`` back into that partial's audio, leaves ``TAIL_SAVES`` out."""
+        if not (
+            self.tail_partials
+            and options.task == "transcribe"
+            and options.shown
+            and len(options.shown.split()) >= TAIL_SHOWN_PIECES
+            and options.shown_samples <= samples
+        ):
             return None
-        tail = max(
-            int(TAIL_SECONDS * SAMPLE_RATE),
-            samples - options.shown_samples + int(TAIL_OVERLAP * SAMPLE_RATE),
-        )
+        tail = samples - options.shown_samples + int(TAIL_OVERLAP * SAMPLE_RATE)
         return tail if samples - tail >= TAIL_SAVES * SAMPLE_RATE else None
 
     def _previous_tokens(self, options: TranscribeOptions) -> list[int]:

@@ -185,35 +185,50 @@ def stitch_tail(earlier: str, tail: str) -> str | None:
     ``tail`` (the text of its last few seconds decoded alone, whose start overlaps the earlier
     text's end), or None where they cannot be joined.
 
-    The tail is aligned with the earlier text where most of its words meet the earlier text's
-    (its first word at one of the earlier text's last ``STITCH_SEARCH``), with a run of
-    ``STITCH_RUN`` words at least. The joined text is the earlier text up to the last word
-    both say, then the tail's text from that word on. Where the two disagree before that
-    word, the earlier reading is kept: it heard the sentence from its start, while the tail's
-    first words had no left context (measured: "called Menace" read as "called menus"). After
-    it, the tail's is: the earlier text's last words were cut off by its window's end (and
-    closed with a period). None where no alignment has such a run: a misreading on one side,
-    or a tail that heard nothing, which only the whole utterance can settle."""
+    The tail is aligned with the earlier text (its first word at one of the earlier text's
+    last ``STITCH_SEARCH``) where, over the words both cover, most meet and fewest differ: a
+    phrase said twice meets as well further back, but there the earlier text goes on with
+    other words than the tail. The alignment needs a run of ``STITCH_RUN`` words met. The
+    joined text is the earlier text up to the last word both say, then the tail's text from
+    that word on. Where the two disagree before that word, the earlier reading is kept: it
+    heard the sentence from its start, while the tail's first words had no left context
+    (measured: "called Menace" read as "called menus"). After it, the tail's is: the earlier
+    text's last words were cut off by its window's end (and closed with a period).
+
+    None where no alignment has such a run (a misreading on one side, or a tail that heard
+    nothing), where the joint would fall inside a whitespace piece of either text (a word
+    written "well-known" in one and "well known" in the other; text written without spaces),
+    or where the tail has fewer words after the joint than the earlier text: it was cut short,
+    and joining it would take back words already shown. Only the whole utterance settles
+    those."""
     pieces, words, owners = _words_with_owners(earlier)
     tail_pieces, tail_words, tail_owners = _words_with_owners(tail)
-    best: tuple[int, int, int] | None = None  # (words met, offset, last earlier index met)
+    best: tuple[int, int, list[int]] | None = None  # (met less differing, offset, met)
     for offset in range(max(0, len(words) - STITCH_SEARCH), len(words)):
-        met = [
-            i
-            for i in range(offset, min(len(words), offset + len(tail_words)))
-            if words[i] == tail_words[i - offset]
-        ]
+        both = range(offset, min(len(words), offset + len(tail_words)))
+        met = [i for i in both if words[i] == tail_words[i - offset]]
         if not _has_run(met, STITCH_RUN):
             continue
-        # The most words met; of equal ones the latest alignment (a phrase said twice).
-        if best is None or (len(met), offset) > best[:2]:
-            best = (len(met), offset, met[-1])
+        score = 2 * len(met) - len(both)
+        if best is None or (score, offset) > best[:2]:
+            best = (score, offset, met)
     if best is None:
         return None
-    _, offset, last = best
-    kept = pieces[: owners[last]]
-    joined = tail_pieces[tail_owners[last - offset] :]
-    return " ".join(kept + joined).strip()
+    _, offset, met = best
+    # The last word met that starts a piece in both texts: there the pieces line up.
+    for last in reversed(met):
+        t = last - offset
+        if _starts_piece(owners, last) and _starts_piece(tail_owners, t):
+            break
+    else:
+        return None
+    if len(tail_words) - t < len(words) - last:
+        return None
+    return " ".join(pieces[: owners[last]] + tail_pieces[tail_owners[t] :]).strip()
+
+
+def _starts_piece(owners: list[int], index: int) -> bool:
+    return index == 0 or owners[index - 1] != owners[index]
 
 
 def _has_run(indices: list[int], length: int) -> bool:

@@ -454,6 +454,24 @@ def test_a_request_that_breaks_its_batchs_decode_fails_alone(speech_model, clip,
             "thing to mitigate his sorrow, and when",
             "yet had left him this small furry thing to mitigate his sorrow, and when",
         ),
+        # A phrase said twice that meets more of the tail further back: there the earlier
+        # text goes on with other words, so the joint is the later saying (review).
+        (
+            "we talked about it. I want to go there and then I want to",
+            "I want to go home now",
+            "we talked about it. I want to go there and then I want to go home now",
+        ),
+        # One word in one text, two in the other: the joint is where the pieces line up.
+        (
+            "they say it is well-known",
+            "it is well known to all",
+            "they say it is well known to all",
+        ),
+        (
+            "they say it is well known",
+            "it is well-known to all",
+            "they say it is well-known to all",
+        ),
     ],
 )
 def test_a_tail_joins_the_earlier_text_where_their_words_meet(earlier, tail, joined) -> None:
@@ -471,6 +489,10 @@ def test_a_tail_joins_the_earlier_text_where_their_words_meet(earlier, tail, joi
         ("the cat and the dog", "the bird and a fish"),
         # The words meet only if the tail began before the utterance did.
         ("She had your dark suit in", "oh my word and what a dark suit in greasy wash"),
+        # Written without spaces: a piece is a phrase, and the joint would fall inside one.
+        ("今日は、いい天気ですね、散歩に行こう", "いい天気ですね、散歩に行こう、うん"),
+        # A tail cut short: joining it would take back words already shown.
+        ("a b c d e f g h", "c d"),
     ],
 )
 def test_a_tail_that_does_not_meet_the_earlier_text_is_not_joined(earlier, tail) -> None:
@@ -547,9 +569,10 @@ def test_a_tail_that_does_not_join_the_text_shown_is_decoded_whole(
     ("seconds", "shown", "shown_seconds", "tails"),
     [
         (9, None, 0, True),  # nothing shown yet: nothing to join to
-        (4, "And so, my fellow", 2, True),  # a 5 s tail would leave out nothing
+        (6, "And so, my fellow Americans", 4, True),  # a 5 s tail would leave out only 1 s
         (9, "And so, my fellow Americans", 6, False),  # tail partials off
         (9, "And so, my fellow Americans", 10, True),  # shown text of more audio: not this one's
+        (9, "そして、私の仲間のアメリカ人", 6, True),  # no spaces: nothing to line up
     ],
 )
 def test_a_partial_decodes_the_whole_utterance_where_a_tail_would_not_do(
@@ -601,5 +624,31 @@ async def test_a_session_tells_each_partial_what_it_last_showed_of_the_utterance
     for options, speech in told:
         assert options.shown == f"heard {options.shown_samples}"  # a partial that was shown
         assert 0 < options.shown_samples < speech  # of this utterance, and less of it
+    # The latest shown, not the first of each utterance.
+    assert len({options.shown_samples for options, _ in told}) >= 3, told
     # Each utterance's first partial has nothing shown before it.
     assert len(model.partials) - len(told) >= 2
+
+
+def test_only_a_transcription_with_short_partials_decodes_a_tail(speech_model, monkeypatch):
+    """A translation's words need not follow the audio's order, so its partials are decoded
+    whole (tiny.en turns every task into transcription, so the rule is asked directly); with
+    short partials off, a partial takes the full window and no tail at all."""
+    monkeypatch.setattr(speech_model, "tail_partials", True)
+    shown = dict(shown="And so, my fellow Americans", shown_samples=6 * 16000)
+    transcribe = TranscribeOptions(final=False, language="en", **shown)
+    assert speech_model._tail_samples(9 * 16000, transcribe) == 6 * 16000
+    translate = attrs.evolve(transcribe, task="translate")
+    assert speech_model._tail_samples(9 * 16000, translate) is None
+
+
+def test_with_short_partials_off_a_partial_takes_the_full_window(
+    speech_model, clip, monkeypatch
+) -> None:
+    audio = clip("jfk.wav")[: 9 * 16000].astype(np.float32) / 32768
+    windows, wholes = partial_windows(monkeypatch, speech_model)
+    monkeypatch.setattr(speech_model, "short_partials", False)
+    full = FullWindowSpy(monkeypatch, speech_model)
+    options = TranscribeOptions(final=False, shown="And so, my fellow", shown_samples=6 * 16000)
+    speech_model.transcribe(audio, options)
+    assert windows == [] and wholes == [] and full.calls == [audio.size]
