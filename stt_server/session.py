@@ -111,6 +111,18 @@ class _Speculation:
     transcript: Transcript | None = None
 
 
+@attrs.frozen
+class _ShownPartial:
+    """The last partial the client was shown. The next partial of the same utterance, in the
+    same language and task, may decode only the utterance's end and join this text."""
+
+    utterance_id: int
+    language: str | None
+    task: str
+    text: str
+    samples: int  # of the utterance it was decoded on
+
+
 class _LatestPartial:
     """A one-slot mailbox: the partials task only ever wants the newest request."""
 
@@ -187,11 +199,7 @@ class Session:
         self._undelivered: list[UtteranceEnded] = []
         self._latest_partial = _LatestPartial()
         self._partial_in_flight: tuple[int, trio.CancelScope] | None = None
-        self._partial_shown_for = 0  # highest utterance id the client saw a partial of
-        # The last partial shown: (utterance id, language, task, its text, samples of the
-        # utterance it read). The next partial of that utterance, in the same language and
-        # task, may decode only its end and join this text.
-        self._shown_partial: tuple[int, str | None, str, str, int] | None = None
+        self._shown_partial: _ShownPartial | None = None
         self._speculation: _Speculation | None = None
         self._last_partial_at: tuple[int, float] | None = None  # (utterance id, time shown)
         self._partial_gap: float | None = None  # moving average
@@ -659,7 +667,9 @@ class Session:
         return speculation.transcript
 
     async def _finalize(self, ended: UtteranceEnded, ended_at: float) -> None:
-        shown = self._partial_shown_for >= ended.utterance_id
+        # Utterance ids only grow: the last partial shown is of the highest id shown.
+        last = self._shown_partial
+        shown = last is not None and last.utterance_id >= ended.utterance_id
         # Dialects that announce utterances owe every one of them its end, text or not.
         owed = self._dialect.completes_every_utterance
         if ended.speech < self._config.min_speech and not shown:
@@ -792,12 +802,12 @@ class Session:
                 self._partial_in_flight = (due.utterance_id, scope)
                 audio, options = self._request(due.audio, final=False)
                 shown = self._shown_partial
-                if shown is not None and shown[:3] == (
+                if shown is not None and (shown.utterance_id, shown.language, shown.task) == (
                     due.utterance_id,
                     options.language,
                     options.task,
                 ):
-                    options = attrs.evolve(options, shown=shown[3], shown_samples=shown[4])
+                    options = attrs.evolve(options, shown=shown.text, shown_samples=shown.samples)
                 try:
                     with trio.fail_after(self._config.inference_timeout):
                         transcript = await self._engine.transcribe(audio, options, owner=self)
@@ -814,13 +824,8 @@ class Session:
                 continue
             self._last_partial_latency = trio.current_time() - asked_at
             self._metrics.partial_latency.observe(self._last_partial_latency)
-            self._partial_shown_for = due.utterance_id
-            self._shown_partial = (
-                due.utterance_id,
-                options.language,
-                options.task,
-                transcript.text,
-                due.audio.size,
+            self._shown_partial = _ShownPartial(
+                due.utterance_id, options.language, options.task, transcript.text, due.audio.size
             )
             self._observe_cadence(due.utterance_id)
             # Rendered when the emitter takes it: a dialect that appends (OpenAI's deltas)

@@ -261,7 +261,6 @@ class WhisperModel:
                 return whole
             return attrs.evolve(
                 self._partial_plan(index, speech[-tail:], options, detected, tokenizer),
-                earlier=options.shown,
                 whole=whole,
             )
         if not self.short_finals or audio.size / SAMPLE_RATE + FINAL_PAD > 30.0:
@@ -384,7 +383,7 @@ class WhisperModel:
             text = cut_loop(keep_spoken(segments, plan.duration, plan.tokenizer.decode))
             if plan.whole is None:
                 return Recognition(text)
-            stitched = stitch_tail(plan.earlier or "", text)
+            stitched = stitch_tail(plan.options.shown or "", text)
             if stitched is not None:
                 return Recognition(stitched)
             # The tail's words do not carry on from what was shown (a misreading on either
@@ -531,9 +530,8 @@ class _Planned:
     duration: float
     #: The context's text, forced on the decoder ("" without context).
     prefix: str = ""
-    #: A tail partial's: the shown text its words join, and the plan that decodes the whole
-    #: utterance where they do not.
-    earlier: str | None = None
+    #: A tail partial's: the plan that decodes the whole utterance where the tail's words do
+    #: not join the text shown (``options.shown``).
     whole: _Planned | None = attrs.field(default=None, eq=False, repr=False)
 
     @property

@@ -593,16 +593,19 @@ class HeardModel:
 
     name: str = "heard"
     is_multilingual: bool = False
+    final: str = "the end."
+    #: Partials answer nothing (as for noise) when False.
+    hears: bool = True
     partials: list[tuple[TranscribeOptions, int]] = attrs.Factory(list)
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Recognition:
         if options.final:
-            return Recognition("the end.")
+            return Recognition(self.final)
         speech = audio.size - options.context_samples
         with self._lock:
             self.partials.append((options, speech))
-        return Recognition(f"heard {speech}")
+        return Recognition(f"heard {speech}" if self.hears else "")
 
 
 async def test_a_session_tells_each_partial_what_it_last_showed_of_the_utterance(clip) -> None:
@@ -652,3 +655,19 @@ def test_with_short_partials_off_a_partial_takes_the_full_window(
     options = TranscribeOptions(final=False, shown="And so, my fellow", shown_samples=6 * 16000)
     speech_model.transcribe(audio, options)
     assert windows == [] and wholes == [] and full.calls == [audio.size]
+
+
+@pytest.mark.parametrize("hears", [True, False])
+async def test_an_empty_final_clears_a_shown_partial_and_else_sends_nothing(clip, hears) -> None:
+    """A final that comes back empty: where a partial of the utterance was shown, an empty
+    ``completed`` takes it back; where none was, the client hears nothing of it."""
+    model = HeardModel(final="", hears=hears)
+    config = Config(host="127.0.0.1", port=0, control_socket="")
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(functools.partial(serve, config, model=model))
+        with trio.fail_after(60):
+            url = f"ws://127.0.0.1:{server.port}/"
+            result = await stream_audio(url, clip("ldc93s1.wav"), speed=3)
+        nursery.cancel_scope.cancel()
+    assert bool(result.partials) == hears
+    assert [final["text"] for final in result.finals] == ([""] if hears else [])
