@@ -48,10 +48,12 @@ import time
 
 import numpy as np
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from stt_server.loadtest.client import StreamResult, read_wav, stream_audio
 from stt_server.loadtest.clips import CLIPS_DIR, references
 from stt_server.loadtest.local import free_port, server_command, wait_until_listening
+from stt_server.loadtest.scrape import fetch_metrics
 from stt_server.loadtest.wer import word_error_rate
 
 MODES = {
@@ -97,6 +99,48 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: The server's own counters read around each step, for the profile line.
+PROFILED = {
+    "stt_engine_busy_seconds_total": "kind",
+    "stt_speculative_finals_total": "outcome",
+    "stt_engine_batches_total": None,
+    "stt_engine_batched_requests_total": None,
+}
+
+
+async def server_counters(port: int) -> dict[str, float]:
+    """The :data:`PROFILED` counters of the server on ``port``, summed over devices, keyed
+    ``name`` or ``name:label-value``."""
+    with trio.fail_after(10):
+        text = await fetch_metrics(f"http://127.0.0.1:{port}/metrics")
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in PROFILED:
+                label = PROFILED[sample.name]
+                key = f"{sample.name}:{sample.labels[label]}" if label else sample.name
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def profile_line(before: dict[str, float], after: dict[str, float], audio: float) -> str:
+    """Where the server's workers spent the step, per second of audio served, and how many
+    guesses at finals were thrown away."""
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    busy = "  ".join(
+        f"{kind} {delta.get(f'stt_engine_busy_seconds_total:{kind}', 0.0) / audio:.3f}"
+        for kind in ("final", "guess", "partial")
+    )
+    calls = delta.get("stt_engine_batches_total", 0.0)
+    requests = delta.get("stt_engine_batched_requests_total", 0.0)
+    used = delta.get("stt_speculative_finals_total:used", 0.0)
+    discarded = delta.get("stt_speculative_finals_total:discarded", 0.0)
+    return (
+        f"worker-s/audio-s: {busy};  requests per model call {requests / max(calls, 1):.2f};"
+        f"  guesses used {used:.0f}, thrown away {discarded:.0f}"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,10 +221,14 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
                 name = args.clips[i % len(args.clips)]
                 samples, readings = looped(read_wav(CLIPS_DIR / name), args.seconds)
                 tracks.append((name, samples, " ".join([refs[name]] * readings)))
+            audio_seconds = sum(t[1].size for t in tracks) / RATE
+            counters = trio.run(server_counters, port)
             cpu_before, wall_before = cpu_seconds(proc.pid), time.monotonic()
+            own_before = time.process_time()
             results = trio.run(one_step, url, tracks, args.spread)
             cpu = cpu_seconds(proc.pid) - cpu_before
-            audio = sum(t[1].size for t in tracks) / RATE
+            own = time.process_time() - own_before
+            profile = profile_line(counters, trio.run(server_counters, port), audio_seconds)
             loaded = full_load(results)
             finals = [lat for r in results for lat in r.final_latencies(within=loaded)]
             gaps = [g for r in results for g in r.partial_intervals(within=loaded)]
@@ -199,11 +247,12 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
             print(
                 f"  {n:2d}  {percentile(finals, 50):8.2f}  {percentile(finals, 95):4.2f}"
                 f"   {percentile(gaps, 95):14.2f}   {stream_wer * 100:6.1f}% / {base * 100:4.1f}%"
-                f"   {cpu / audio:12.3f}   {'yes' if ok else 'no'}"
+                f"   {cpu / audio_seconds:12.3f}   {'yes' if ok else 'no'}"
                 f"{f'  ({errors} errors)' if errors else ''}"
                 f"  [{time.monotonic() - wall_before:.0f} s, {len(finals)} finals]",
                 flush=True,
             )
+            print(f"      {profile};  clients' own CPU-s/audio-s {own / audio_seconds:.3f}")
             if ok:
                 best = n
     finally:

@@ -180,6 +180,13 @@ class EngineStatistics:
     #: Model calls made, and the requests they carried (requests / batches = mean batch size).
     batches: int = 0
     batched_requests: int = 0
+    #: Worker seconds spent in model calls, each call counted once, by what it carried:
+    #: "final", "guess" (a final decoded before its endpoint was confirmed, used or not),
+    #: "partial", "upload". Where the device's time goes; per-request times overlap in a batch.
+    busy_seconds: dict[str, float] = attrs.Factory(dict)
+    #: The part of those seconds spent on calls whose every caller had stopped waiting before
+    #: the call ended (see ``_Job.abandoned``): work thrown away.
+    unused_seconds: dict[str, float] = attrs.Factory(dict)
 
 
 @attrs.define(eq=False)
@@ -194,6 +201,9 @@ class _Job:
     taken: bool = False
     #: A speculative final whose endpoint came while it was still queued: now a real final.
     promoted: bool = False
+    #: Its caller stopped waiting while it ran (a guess at a final thrown away as speech
+    #: resumed, a partial of an utterance that has ended): the answer will go unread.
+    abandoned: bool = False
 
     def finish(self, result: Transcript | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -245,6 +255,8 @@ class Engine:
         self._failures = 0
         self._batches = 0
         self._batched = 0
+        self._busy_seconds: dict[str, float] = {}
+        self._unused_seconds: dict[str, float] = {}
         #: Told the outcome of every inference (None = success); feeds the device's breaker.
         self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
 
@@ -302,6 +314,7 @@ class Engine:
 
     def _withdraw(self, job: _Job) -> None:
         if job.taken:
+            job.abandoned = True
             return
         if job.options.upload:
             self._uploads.remove(job)
@@ -397,6 +410,10 @@ class Engine:
         self._batches += 1
         self._batched += len(batch)
         elapsed = self._clock() - started
+        kind = self._kind(batch[0])
+        self._busy_seconds[kind] = self._busy_seconds.get(kind, 0.0) + elapsed
+        if all(job.abandoned for job in batch):
+            self._unused_seconds[kind] = self._unused_seconds.get(kind, 0.0) + elapsed
         if isinstance(results, BaseException):
             # The call itself failed: one outcome for the breaker, and each caller gets an
             # exception of its own (one object raised in several tasks would share state).
@@ -415,6 +432,16 @@ class Engine:
                 log.exception("engine on %s: could not deliver a result", self.device)
                 if not job.done.is_set():
                     job.finish(error=exc)
+
+    @staticmethod
+    def _kind(job: _Job) -> str:
+        # A batch holds one kind (see _next_batch); a guess promoted while still queued ran
+        # as the final it had become.
+        if job.options.upload:
+            return "upload"
+        if job.options.speculative and not job.promoted:
+            return "guess"
+        return "final" if job.options.final else "partial"
 
     def _call_model(self, batch: list[_Job]) -> list[BatchResult] | BaseException:
         """On the worker thread: one model call for the batch, or what it raised."""
@@ -474,4 +501,6 @@ class Engine:
             uploads_done=self._uploads_done,
             batches=self._batches,
             batched_requests=self._batched,
+            busy_seconds=dict(self._busy_seconds),
+            unused_seconds=dict(self._unused_seconds),
         )

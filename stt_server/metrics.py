@@ -191,6 +191,18 @@ class _StateCollector:
             "Requests carried by those calls (divided by batches: the mean batch size)",
             labels=["device"],
         )
+        busy_seconds = CounterMetricFamily(
+            "stt_engine_busy_seconds",
+            "Worker seconds in model calls, each call once, by what it carried (final; guess: "
+            "a final decoded before its endpoint was confirmed; partial; upload)",
+            labels=["device", "kind"],
+        )
+        unused_seconds = CounterMetricFamily(
+            "stt_engine_unused_seconds",
+            "Of those worker seconds, calls whose every caller had stopped waiting before they "
+            "ended (a guess thrown away as speech resumed): work thrown away",
+            labels=["device", "kind"],
+        )
         sessions = GaugeMetricFamily(
             "stt_device_sessions", "Sessions placed on a device", labels=["device"]
         )
@@ -218,6 +230,11 @@ class _StateCollector:
             workers.add_metric(label, device.engine.workers)
             batches.add_metric(label, device.engine.batches)
             batched.add_metric(label, device.engine.batched_requests)
+            for kind in ("final", "guess", "partial", "upload"):
+                seconds = device.engine.busy_seconds.get(kind, 0.0)
+                busy_seconds.add_metric([device.label, kind], seconds)
+                unused = device.engine.unused_seconds.get(kind, 0.0)
+                unused_seconds.add_metric([device.label, kind], unused)
             sessions.add_metric(label, device.sessions)
             if device.breaker is not None:
                 breaker.add_metric(label, BREAKER_VALUES[device.breaker.state.value])
@@ -227,5 +244,5 @@ class _StateCollector:
                 total.add_metric(label, device.reading.total_mb * 1024 * 1024)
                 if device.reading.utilization is not None:
                     util.add_metric(label, device.reading.utilization)
-        yield from (queue, busy, workers, batches, batched, sessions)
+        yield from (queue, busy, workers, batches, batched, busy_seconds, unused_seconds, sessions)
         yield from (breaker, opened, used, total, util)

@@ -92,3 +92,28 @@ def test_only_what_happens_while_every_client_streams_is_measured(capacity) -> N
     assert early.partial_intervals(within=(0.0, 22.0)) == []
     with pytest.raises(SystemExit):
         capacity.full_load([early, _streamed(55.0, 90.0)])
+
+
+def test_the_profile_line_is_what_the_step_added_per_second_of_audio(capacity) -> None:
+    before = {
+        "stt_engine_busy_seconds_total:final": 10.0,
+        "stt_engine_busy_seconds_total:partial": 5.0,
+        "stt_engine_batches_total": 10.0,
+        "stt_engine_batched_requests_total": 10.0,
+        "stt_speculative_finals_total:used": 4.0,
+    }
+    after = {
+        "stt_engine_busy_seconds_total:final": 70.0,
+        "stt_engine_busy_seconds_total:guess": 12.0,
+        "stt_engine_busy_seconds_total:partial": 35.0,
+        "stt_engine_batches_total": 110.0,
+        "stt_engine_batched_requests_total": 260.0,
+        "stt_speculative_finals_total:used": 84.0,
+        "stt_speculative_finals_total:discarded": 16.0,
+    }
+    line = capacity.profile_line(before, after, audio=1000.0)
+    # 60 s of finals, 12 of guesses and 30 of partials over 1000 s of audio; 250 requests in
+    # 100 calls; 80 guesses used, 16 thrown away.
+    assert "final 0.060  guess 0.012  partial 0.030" in line
+    assert "requests per model call 2.50" in line
+    assert "guesses used 80, thrown away 16" in line

@@ -587,3 +587,95 @@ async def test_a_failed_model_call_fails_each_request_once_and_counts_once(answe
     # The breaker hears of the failed call once, not once per request in it.
     assert outcomes[0] is None and len(outcomes) == 2  # the blocker's success, the failure
     assert isinstance(outcomes[1], RuntimeError) and "blocker" not in errors
+
+
+@attrs.define
+class CostlyModel(BatchingModel):
+    """A BatchingModel whose every call, one request or a batch, moves ``clock`` on by what
+    its first request's kind costs."""
+
+    clock: list[float] = attrs.Factory(lambda: [0.0])
+    costs: dict[str, float] = attrs.Factory(dict)
+
+    def _spend(self, options: TranscribeOptions) -> None:
+        kind = "upload" if options.upload else "final" if options.final else "partial"
+        self.clock[0] += self.costs[kind]
+
+    def transcribe(self, audio, options):
+        label = super().transcribe(audio, options)
+        self._spend(options)
+        return label
+
+    def transcribe_batch(self, requests):
+        results = super().transcribe_batch(requests)
+        self._spend(requests[0][1])
+        return results
+
+
+async def test_worker_seconds_are_counted_once_per_call_by_what_it_carried() -> None:
+    model = CostlyModel(costs={"final": 1.0, "partial": 0.1, "upload": 3.0})
+    engine = Engine(model, device="cpu", workers=1, max_batch=4, clock=lambda: model.clock[0])
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "blocker", 0, PARTIAL, "z")
+        await trio.testing.wait_all_tasks_blocked()
+        for key, n, options, owner in [
+            ("a", 1, PARTIAL, "a"),
+            ("b", 2, PARTIAL, "b"),
+            ("c", 3, PARTIAL, "c"),
+            ("guess", 4, guess, "d"),
+            ("promoted", 5, guess, "e"),
+            ("final", 6, FINAL, "f"),
+            ("upload", 7, UPLOAD, "g"),
+        ]:
+            nursery.start_soon(ask, key, n, options, owner)
+            await trio.testing.wait_all_tasks_blocked()
+            if key == "promoted":
+                engine.promote_speculative("e")  # its endpoint came while it was queued
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(results) == 8)
+        nursery.cancel_scope.cancel()
+
+    # The promoted guess (first) and the final went in one call, counted as a final; the three
+    # partials in another. Each call counted once: not its requests' seconds added up.
+    assert model.batches == [["final:5", "final:6"], ["partial:1", "partial:2", "partial:3"]]
+    stats = engine.statistics()
+    assert stats.batches == 5
+    assert stats.busy_seconds == pytest.approx(
+        {"partial": 0.2, "final": 1.0, "guess": 1.0, "upload": 3.0}
+    )
+
+
+async def test_a_call_nobody_waits_for_any_more_counts_as_work_thrown_away() -> None:
+    model = CostlyModel(costs={"final": 1.0, "partial": 0.1, "upload": 3.0})
+    engine = Engine(model, device="cpu", workers=1, clock=lambda: model.clock[0])
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+    dropped = trio.CancelScope()
+
+    async def speaker_who_resumes() -> None:
+        with dropped:
+            await engine.transcribe(tagged(1), guess, owner="b")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(speaker_who_resumes)
+        await trio.testing.wait_all_tasks_blocked()  # its guess runs, held at the gate
+        nursery.start_soon(ask, "kept", 2, guess, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        dropped.cancel()  # speech resumed: nobody waits for the first guess any more
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: "kept" in results)
+        nursery.cancel_scope.cancel()
+
+    stats = engine.statistics()
+    assert model.calls == ["final:1", "final:2"]  # both guesses ran
+    assert stats.busy_seconds == pytest.approx({"guess": 2.0})
+    assert stats.unused_seconds == pytest.approx({"guess": 1.0})
