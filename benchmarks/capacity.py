@@ -104,6 +104,7 @@ def cpu_seconds(pid: int) -> float:
 #: The server's own counters read around each step, for the profile line.
 PROFILED = {
     "stt_engine_busy_seconds_total": "kind",
+    "stt_engine_unused_seconds_total": "kind",
     "stt_speculative_finals_total": "outcome",
     "stt_engine_batches_total": None,
     "stt_engine_batched_requests_total": None,
@@ -137,8 +138,10 @@ def profile_line(before: dict[str, float], after: dict[str, float], audio: float
     requests = delta.get("stt_engine_batched_requests_total", 0.0)
     used = delta.get("stt_speculative_finals_total:used", 0.0)
     discarded = delta.get("stt_speculative_finals_total:discarded", 0.0)
+    unused = sum(v for k, v in delta.items() if k.startswith("stt_engine_unused_seconds_total:"))
     return (
-        f"worker-s/audio-s: {busy};  requests per model call {requests / max(calls, 1):.2f};"
+        f"worker-s/audio-s: {busy}, of it unread {unused / audio:.3f};"
+        f"  requests per model call {requests / max(calls, 1):.2f};"
         f"  guesses used {used:.0f}, thrown away {discarded:.0f}"
     )
 

@@ -110,10 +110,12 @@ def test_the_profile_line_is_what_the_step_added_per_second_of_audio(capacity) -
         "stt_engine_batched_requests_total": 260.0,
         "stt_speculative_finals_total:used": 84.0,
         "stt_speculative_finals_total:discarded": 16.0,
+        "stt_engine_unused_seconds_total:guess": 4.0,
+        "stt_engine_unused_seconds_total:partial": 1.0,
     }
     line = capacity.profile_line(before, after, audio=1000.0)
-    # 60 s of finals, 12 of guesses and 30 of partials over 1000 s of audio; 250 requests in
-    # 100 calls; 80 guesses used, 16 thrown away.
-    assert "final 0.060  guess 0.012  partial 0.030" in line
+    # 60 s of finals, 12 of guesses and 30 of partials over 1000 s of audio, 5 of them
+    # unread; 250 requests in 100 calls; 80 guesses used, 16 thrown away.
+    assert "final 0.060  guess 0.012  partial 0.030, of it unread 0.005" in line
     assert "requests per model call 2.50" in line
     assert "guesses used 80, thrown away 16" in line
