@@ -23,7 +23,10 @@ client's end. A step passes when
   clips by the same model.
 
 It prints a line per step, the largest passing N per mode, their ratio, and the server's CPU
-seconds per second of audio served (from /proc, the server process alone).
+seconds per second of audio served (from /proc, the server process alone). Under each step, a
+profile of the time when all N streamed, from the server's ``/metrics`` read every second:
+the cores the server and the benchmark's own clients used, how busy the workers were with
+finals, guesses at finals and partials, and how much of that went on answers nobody read.
 
 The default clips leave out jfk.wav, so that the figures compare with earlier rounds
 (docs/benchmarks.md). Until right-sized finals were cut where they start over, its first
@@ -46,6 +49,7 @@ import statistics
 import subprocess
 import time
 
+import attrs
 import numpy as np
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -101,21 +105,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-#: The server's own counters read around each step, for the profile line.
+#: The server's own counters read during each step, for the profile line: what they are
+#: summed over (devices) and keyed by (a label, or None).
 PROFILED = {
     "stt_engine_busy_seconds_total": "kind",
     "stt_engine_unused_seconds_total": "kind",
     "stt_speculative_finals_total": "outcome",
     "stt_engine_batches_total": None,
     "stt_engine_batched_requests_total": None,
+    "process_cpu_seconds_total": None,
 }
+SAMPLE_EVERY = 1.0  # seconds between two reads of /metrics during a step
 
 
-async def server_counters(port: int) -> dict[str, float]:
-    """The :data:`PROFILED` counters of the server on ``port``, summed over devices, keyed
-    ``name`` or ``name:label-value``."""
-    with trio.fail_after(10):
-        text = await fetch_metrics(f"http://127.0.0.1:{port}/metrics")
+@attrs.frozen
+class Sample:
+    at: float  # trio.current_time() of the step's trio.run, the clients' clock
+    counters: dict[str, float]
+    own_cpu: float  # this process's CPU seconds: the clients'
+
+
+def counters_from_text(text: str) -> dict[str, float]:
+    """The :data:`PROFILED` counters of a /metrics page, summed over devices, keyed ``name`` or
+    ``name:label-value``."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -126,23 +138,44 @@ async def server_counters(port: int) -> dict[str, float]:
     return out
 
 
-def profile_line(before: dict[str, float], after: dict[str, float], audio: float) -> str:
-    """Where the server's workers spent the step, per second of audio served, and how many
-    guesses at finals were thrown away."""
-    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
-    busy = "  ".join(
-        f"{kind} {delta.get(f'stt_engine_busy_seconds_total:{kind}', 0.0) / audio:.3f}"
-        for kind in ("final", "guess", "partial")
-    )
+async def sample_server(port: int, into: list[Sample]) -> None:
+    """Read the server's counters every :data:`SAMPLE_EVERY` seconds until cancelled."""
+    while True:
+        with trio.fail_after(10):
+            text = await fetch_metrics(f"http://127.0.0.1:{port}/metrics")
+        into.append(Sample(trio.current_time(), counters_from_text(text), time.process_time()))
+        await trio.sleep(SAMPLE_EVERY)
+
+
+def within(samples: list[Sample], span: tuple[float, float]) -> tuple[Sample, Sample] | None:
+    """The first and the last sample taken inside ``span``; None without two of them."""
+    inside = [s for s in samples if span[0] <= s.at <= span[1]]
+    return (inside[0], inside[-1]) if len(inside) >= 2 else None
+
+
+def profile_line(first: Sample, last: Sample) -> str:
+    """Between two samples: the cores the server and the clients used, the workers' seconds
+    per second by what they ran (out of as many as there are workers) and the part of them
+    nobody read, the mean requests per model call, and the guesses at finals used and thrown
+    away."""
+    seconds = last.at - first.at
+    delta = {k: v - first.counters.get(k, 0.0) for k, v in last.counters.items()}
+
+    def rate(key: str) -> float:
+        return delta.get(key, 0.0) / seconds
+
+    busy = {k: rate(f"stt_engine_busy_seconds_total:{k}") for k in ("final", "guess", "partial")}
+    unused = sum(v for k, v in delta.items() if k.startswith("stt_engine_unused_seconds_total:"))
     calls = delta.get("stt_engine_batches_total", 0.0)
     requests = delta.get("stt_engine_batched_requests_total", 0.0)
-    used = delta.get("stt_speculative_finals_total:used", 0.0)
-    discarded = delta.get("stt_speculative_finals_total:discarded", 0.0)
-    unused = sum(v for k, v in delta.items() if k.startswith("stt_engine_unused_seconds_total:"))
     return (
-        f"worker-s/audio-s: {busy}, of it unread {unused / audio:.3f};"
+        f"all streaming, {seconds:.0f} s: cores: server {rate('process_cpu_seconds_total'):.2f},"
+        f" clients {(last.own_cpu - first.own_cpu) / seconds:.2f};"
+        f"  workers busy: {'  '.join(f'{k} {v:.2f}' for k, v in busy.items())}"
+        f" (sum {sum(busy.values()):.2f}), unread {unused / seconds:.2f};"
         f"  requests per model call {requests / max(calls, 1):.2f};"
-        f"  guesses used {used:.0f}, thrown away {discarded:.0f}"
+        f"  guesses used {delta.get('stt_speculative_finals_total:used', 0.0):.0f},"
+        f" thrown away {delta.get('stt_speculative_finals_total:discarded', 0.0):.0f}"
     )
 
 
@@ -170,19 +203,23 @@ def full_load(results: list[StreamResult]) -> tuple[float, float]:
 
 
 async def one_step(
-    url: str, tracks: list[tuple[str, np.ndarray, str]], spread: float
-) -> list[StreamResult]:
+    url: str, tracks: list[tuple[str, np.ndarray, str]], spread: float, port: int
+) -> tuple[list[StreamResult], list[Sample]]:
     results: list[StreamResult | None] = [None] * len(tracks)
     offsets = start_offsets(len(tracks), spread)
+    samples: list[Sample] = []
 
-    async def client(i: int, samples: np.ndarray) -> None:
+    async def client(i: int, audio: np.ndarray) -> None:
         await trio.sleep(offsets[i])  # people do not start in step
-        results[i] = await stream_audio(url, samples)
+        results[i] = await stream_audio(url, audio)
 
     async with trio.open_nursery() as nursery:
-        for i, (_, samples, _) in enumerate(tracks):
-            nursery.start_soon(client, i, samples)
-    return [r for r in results if r is not None]
+        nursery.start_soon(sample_server, port, samples)
+        async with trio.open_nursery() as clients:
+            for i, (_, audio, _) in enumerate(tracks):
+                clients.start_soon(client, i, audio)
+        nursery.cancel_scope.cancel()
+    return [r for r in results if r is not None], samples
 
 
 def offline_wer(names: list[str], refs: dict[str, str]) -> dict[str, float]:
@@ -225,14 +262,12 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
                 samples, readings = looped(read_wav(CLIPS_DIR / name), args.seconds)
                 tracks.append((name, samples, " ".join([refs[name]] * readings)))
             audio_seconds = sum(t[1].size for t in tracks) / RATE
-            counters = trio.run(server_counters, port)
             cpu_before, wall_before = cpu_seconds(proc.pid), time.monotonic()
-            own_before = time.process_time()
-            results = trio.run(one_step, url, tracks, args.spread)
+            results, reads = trio.run(one_step, url, tracks, args.spread, port)
             cpu = cpu_seconds(proc.pid) - cpu_before
-            own = time.process_time() - own_before
-            profile = profile_line(counters, trio.run(server_counters, port), audio_seconds)
             loaded = full_load(results)
+            bracket = within(reads, loaded)
+            profile = profile_line(*bracket) if bracket else "too short to profile"
             finals = [lat for r in results for lat in r.final_latencies(within=loaded)]
             gaps = [g for r in results for g in r.partial_intervals(within=loaded)]
             stream_wer = statistics.mean(
@@ -255,7 +290,7 @@ def run_mode(mode: str, args: argparse.Namespace, offline: dict[str, float]) -> 
                 f"  [{time.monotonic() - wall_before:.0f} s, {len(finals)} finals]",
                 flush=True,
             )
-            print(f"      {profile};  clients' own CPU-s/audio-s {own / audio_seconds:.3f}")
+            print(f"      {profile}", flush=True)
             if ok:
                 best = n
     finally:

@@ -164,6 +164,10 @@ class Transcript:
     segments: tuple[Segment, ...] = ()
 
 
+#: What a model call carries, as the engine counts its time (``EngineStatistics.busy_seconds``).
+CALL_KINDS = ("final", "guess", "partial", "upload")
+
+
 @attrs.frozen
 class EngineStatistics:
     device: str
@@ -185,7 +189,8 @@ class EngineStatistics:
     #: "partial", "upload". Where the device's time goes; per-request times overlap in a batch.
     busy_seconds: dict[str, float] = attrs.Factory(dict)
     #: The part of those seconds spent on calls whose every caller had stopped waiting before
-    #: the call ended (see ``_Job.abandoned``): work thrown away.
+    #: the call ended (see ``_Job.abandoned``): work thrown away, at least (a guess dropped
+    #: after its call ended, or a batch some of whose callers still wait, is not counted).
     unused_seconds: dict[str, float] = attrs.Factory(dict)
 
 

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .admission import RefusalReason
+from .engine import CALL_KINDS
 from .errors import ErrorCode
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class _StateCollector:
         unused_seconds = CounterMetricFamily(
             "stt_engine_unused_seconds",
             "Of those worker seconds, calls whose every caller had stopped waiting before they "
-            "ended (a guess thrown away as speech resumed): work thrown away",
+            "ended (a guess dropped while it ran, as speech resumed): work thrown away, at least",
             labels=["device", "kind"],
         )
         sessions = GaugeMetricFamily(
@@ -230,7 +231,7 @@ class _StateCollector:
             workers.add_metric(label, device.engine.workers)
             batches.add_metric(label, device.engine.batches)
             batched.add_metric(label, device.engine.batched_requests)
-            for kind in ("final", "guess", "partial", "upload"):
+            for kind in CALL_KINDS:
                 seconds = device.engine.busy_seconds.get(kind, 0.0)
                 busy_seconds.add_metric([device.label, kind], seconds)
                 unused = device.engine.unused_seconds.get(kind, 0.0)

@@ -94,28 +94,74 @@ def test_only_what_happens_while_every_client_streams_is_measured(capacity) -> N
         capacity.full_load([early, _streamed(55.0, 90.0)])
 
 
-def test_the_profile_line_is_what_the_step_added_per_second_of_audio(capacity) -> None:
-    before = {
-        "stt_engine_busy_seconds_total:final": 10.0,
-        "stt_engine_busy_seconds_total:partial": 5.0,
-        "stt_engine_batches_total": 10.0,
-        "stt_engine_batched_requests_total": 10.0,
-        "stt_speculative_finals_total:used": 4.0,
+def test_the_server_counters_are_summed_over_devices_and_keyed_by_their_label(capacity) -> None:
+    page = "\n".join(
+        [
+            "# TYPE stt_engine_busy_seconds counter",
+            'stt_engine_busy_seconds_total{device="cuda:0",kind="final"} 2.5',
+            'stt_engine_busy_seconds_total{device="cuda:1",kind="final"} 1.5',
+            'stt_engine_busy_seconds_total{device="cuda:1",kind="partial"} 0.5',
+            "# TYPE stt_engine_batches counter",
+            'stt_engine_batches_total{device="cuda:0"} 3.0',
+            'stt_engine_batches_total{device="cuda:1"} 4.0',
+            "# TYPE stt_speculative_finals counter",
+            'stt_speculative_finals_total{outcome="used"} 9.0',
+            'stt_speculative_finals_created{outcome="used"} 1.7e9',
+            "# TYPE stt_sessions_active gauge",
+            "stt_sessions_active 16.0",
+            "",
+        ]
+    )
+    assert capacity.counters_from_text(page) == {
+        "stt_engine_busy_seconds_total:final": 4.0,
+        "stt_engine_busy_seconds_total:partial": 0.5,
+        "stt_engine_batches_total": 7.0,
+        "stt_speculative_finals_total:used": 9.0,
     }
-    after = {
-        "stt_engine_busy_seconds_total:final": 70.0,
-        "stt_engine_busy_seconds_total:guess": 12.0,
-        "stt_engine_busy_seconds_total:partial": 35.0,
-        "stt_engine_batches_total": 110.0,
-        "stt_engine_batched_requests_total": 260.0,
-        "stt_speculative_finals_total:used": 84.0,
-        "stt_speculative_finals_total:discarded": 16.0,
-        "stt_engine_unused_seconds_total:guess": 4.0,
-        "stt_engine_unused_seconds_total:partial": 1.0,
-    }
-    line = capacity.profile_line(before, after, audio=1000.0)
-    # 60 s of finals, 12 of guesses and 30 of partials over 1000 s of audio, 5 of them
-    # unread; 250 requests in 100 calls; 80 guesses used, 16 thrown away.
-    assert "final 0.060  guess 0.012  partial 0.030, of it unread 0.005" in line
+
+
+def test_the_profile_covers_only_the_time_when_every_client_streamed(capacity) -> None:
+    Sample = capacity.Sample
+    reads = [
+        Sample(at=0.0, counters={}, own_cpu=0.0),  # before the last client started
+        Sample(
+            at=10.0,
+            counters={
+                "stt_engine_busy_seconds_total:final": 10.0,
+                "stt_engine_busy_seconds_total:partial": 5.0,
+                "stt_engine_batches_total": 10.0,
+                "stt_engine_batched_requests_total": 10.0,
+                "stt_speculative_finals_total:used": 4.0,
+                "process_cpu_seconds_total": 100.0,
+            },
+            own_cpu=1.0,
+        ),
+        Sample(at=30.0, counters={}, own_cpu=2.0),
+        Sample(
+            at=50.0,
+            counters={
+                "stt_engine_busy_seconds_total:final": 30.0,
+                "stt_engine_busy_seconds_total:guess": 40.0,
+                "stt_engine_busy_seconds_total:partial": 25.0,
+                "stt_engine_unused_seconds_total:guess": 3.0,
+                "stt_engine_unused_seconds_total:partial": 1.0,
+                "stt_engine_batches_total": 110.0,
+                "stt_engine_batched_requests_total": 260.0,
+                "stt_speculative_finals_total:used": 84.0,
+                "stt_speculative_finals_total:discarded": 16.0,
+                "process_cpu_seconds_total": 176.0,
+            },
+            own_cpu=5.0,
+        ),
+        Sample(at=60.0, counters={}, own_cpu=9.0),  # after the first client ended
+    ]
+    first, last = capacity.within(reads, (5.0, 55.0))
+    assert (first.at, last.at) == (10.0, 50.0)
+    assert capacity.within(reads, (31.0, 49.0)) is None  # no two reads inside: no profile
+    line = capacity.profile_line(first, last)
+    # Over those 40 s: 76 s of server CPU, 4 of the clients'; 20 s of finals, 40 of guesses
+    # and 20 of partials on the workers, 4 of them unread; 250 requests in 100 calls.
+    assert "all streaming, 40 s: cores: server 1.90, clients 0.10;" in line
+    assert "workers busy: final 0.50  guess 1.00  partial 0.50 (sum 2.00), unread 0.10" in line
     assert "requests per model call 2.50" in line
     assert "guesses used 80, thrown away 16" in line

@@ -592,28 +592,29 @@ async def test_a_failed_model_call_fails_each_request_once_and_counts_once(answe
 @attrs.define
 class CostlyModel(BatchingModel):
     """A BatchingModel whose every call, one request or a batch, moves ``clock`` on by what
-    its first request's kind costs."""
+    its first request costs: by its tag where ``by_tag`` names it, else by its kind."""
 
     clock: list[float] = attrs.Factory(lambda: [0.0])
     costs: dict[str, float] = attrs.Factory(dict)
+    by_tag: dict[int, float] = attrs.Factory(dict)
 
-    def _spend(self, options: TranscribeOptions) -> None:
+    def _spend(self, audio: np.ndarray, options: TranscribeOptions) -> None:
         kind = "upload" if options.upload else "final" if options.final else "partial"
-        self.clock[0] += self.costs[kind]
+        self.clock[0] += self.by_tag.get(int(audio[0]), self.costs[kind])
 
     def transcribe(self, audio, options):
         label = super().transcribe(audio, options)
-        self._spend(options)
+        self._spend(audio, options)
         return label
 
     def transcribe_batch(self, requests):
         results = super().transcribe_batch(requests)
-        self._spend(requests[0][1])
+        self._spend(*requests[0])
         return results
 
 
 async def test_worker_seconds_are_counted_once_per_call_by_what_it_carried() -> None:
-    model = CostlyModel(costs={"final": 1.0, "partial": 0.1, "upload": 3.0})
+    model = CostlyModel(costs={"final": 1.0, "partial": 0.1, "upload": 3.0}, by_tag={4: 0.7})
     engine = Engine(model, device="cpu", workers=1, max_batch=4, clock=lambda: model.clock[0])
     guess = TranscribeOptions(final=True, speculative=True)
     results: dict[str, object] = {}
@@ -647,7 +648,7 @@ async def test_worker_seconds_are_counted_once_per_call_by_what_it_carried() -> 
     stats = engine.statistics()
     assert stats.batches == 5
     assert stats.busy_seconds == pytest.approx(
-        {"partial": 0.2, "final": 1.0, "guess": 1.0, "upload": 3.0}
+        {"partial": 0.2, "final": 1.0, "guess": 0.7, "upload": 3.0}
     )
 
 
@@ -679,3 +680,32 @@ async def test_a_call_nobody_waits_for_any_more_counts_as_work_thrown_away() -> 
     assert model.calls == ["final:1", "final:2"]  # both guesses ran
     assert stats.busy_seconds == pytest.approx({"guess": 2.0})
     assert stats.unused_seconds == pytest.approx({"guess": 1.0})
+
+
+async def test_a_batch_is_thrown_away_only_when_none_of_its_callers_still_waits() -> None:
+    async def run_batch_of_two(cancelled: set[str]) -> dict[str, float]:
+        model = CostlyModel(costs={"final": 1.0, "partial": 0.1, "upload": 3.0})
+        engine = Engine(model, device="cpu", workers=1, max_batch=2, clock=lambda: model.clock[0])
+        scopes = {owner: trio.CancelScope() for owner in "ab"}
+
+        async def ask(owner: str, n: int) -> None:
+            with scopes[owner]:
+                await engine.transcribe(tagged(n), PARTIAL, owner=owner)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "a", 1)
+            nursery.start_soon(ask, "b", 2)
+            await trio.testing.wait_all_tasks_blocked()  # both queued before a worker runs
+            await nursery.start(engine.run)
+            await trio.testing.wait_all_tasks_blocked()  # one call holds both, at the gate
+            for owner in cancelled:
+                scopes[owner].cancel()
+            model.gate.set()
+            with trio.fail_after(30):
+                await wait_until(lambda: engine.statistics().batches == 1)
+            nursery.cancel_scope.cancel()
+        assert [sorted(b) for b in model.batches] == [["partial:1", "partial:2"]]
+        return engine.statistics().unused_seconds
+
+    assert await run_batch_of_two({"a"}) == {}  # b still read its answer
+    assert await run_batch_of_two({"a", "b"}) == pytest.approx({"partial": 0.1})

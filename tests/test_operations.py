@@ -179,6 +179,7 @@ async def test_metrics_parse_and_move_when_real_audio_streams(running_server, cl
     # Where the workers' time went, by kind: the finals took some, no file was uploaded.
     assert after["stt_engine_busy_seconds_total{device=sim:0,kind=final}"] > 0
     assert after["stt_engine_busy_seconds_total{device=sim:0,kind=upload}"] == 0
+    assert "stt_engine_unused_seconds_total{device=sim:0,kind=guess}" in after  # exported
     # The process collector: what a soak (stt-loadtest) and a memory alert read.
     assert after["process_resident_memory_bytes{}"] > 50 * 1024 * 1024
     assert "stt_partial_gap_seconds_count{}" in after
