@@ -164,15 +164,17 @@ def profile_line(first: Sample, last: Sample) -> str:
     def rate(key: str) -> float:
         return delta.get(key, 0.0) / seconds
 
-    busy = {k: rate(f"stt_engine_busy_seconds_total:{k}") for k in ("final", "guess", "partial")}
-    unused = sum(v for k, v in delta.items() if k.startswith("stt_engine_unused_seconds_total:"))
+    kinds = ("final", "guess", "partial")
+    busy = {k: rate(f"stt_engine_busy_seconds_total:{k}") for k in kinds}
+    unused = {k: rate(f"stt_engine_unused_seconds_total:{k}") for k in kinds}
     calls = delta.get("stt_engine_batches_total", 0.0)
     requests = delta.get("stt_engine_batched_requests_total", 0.0)
     return (
         f"all streaming, {seconds:.0f} s: cores: server {rate('process_cpu_seconds_total'):.2f},"
         f" clients {(last.own_cpu - first.own_cpu) / seconds:.2f};"
         f"  workers busy: {'  '.join(f'{k} {v:.2f}' for k, v in busy.items())}"
-        f" (sum {sum(busy.values()):.2f}), unread {unused / seconds:.2f};"
+        f" (sum {sum(busy.values()):.2f}), of it unread: guess {unused['guess']:.2f}"
+        f"  partial {unused['partial']:.2f};"
         f"  requests per model call {requests / max(calls, 1):.2f};"
         f"  guesses used {delta.get('stt_speculative_finals_total:used', 0.0):.0f},"
         f" thrown away {delta.get('stt_speculative_finals_total:discarded', 0.0):.0f}"

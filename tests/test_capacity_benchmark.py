@@ -143,8 +143,8 @@ def test_the_profile_covers_only_the_time_when_every_client_streamed(capacity) -
                 "stt_engine_busy_seconds_total:final": 30.0,
                 "stt_engine_busy_seconds_total:guess": 40.0,
                 "stt_engine_busy_seconds_total:partial": 25.0,
-                "stt_engine_unused_seconds_total:guess": 3.0,
-                "stt_engine_unused_seconds_total:partial": 1.0,
+                "stt_engine_unused_seconds_total:guess": 4.0,
+                "stt_engine_unused_seconds_total:partial": 1.2,
                 "stt_engine_batches_total": 110.0,
                 "stt_engine_batched_requests_total": 260.0,
                 "stt_speculative_finals_total:used": 84.0,
@@ -160,8 +160,9 @@ def test_the_profile_covers_only_the_time_when_every_client_streamed(capacity) -
     assert capacity.within(reads, (31.0, 49.0)) is None  # no two reads inside: no profile
     line = capacity.profile_line(first, last)
     # Over those 40 s: 76 s of server CPU, 4 of the clients'; 20 s of finals, 40 of guesses
-    # and 20 of partials on the workers, 4 of them unread; 250 requests in 100 calls.
+    # and 20 of partials on the workers, 4 and 1.2 of them unread; 250 requests in 100 calls.
     assert "all streaming, 40 s: cores: server 1.90, clients 0.10;" in line
-    assert "workers busy: final 0.50  guess 1.00  partial 0.50 (sum 2.00), unread 0.10" in line
+    assert "workers busy: final 0.50  guess 1.00  partial 0.50 (sum 2.00)" in line
+    assert "of it unread: guess 0.10  partial 0.03;" in line
     assert "requests per model call 2.50" in line
     assert "guesses used 80, thrown away 16" in line
