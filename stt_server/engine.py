@@ -308,6 +308,14 @@ class Engine:
         self._finals.append(job)
         self._wakeup.unpark()
 
+    def withdraw_speculative(self, owner: Hashable) -> None:
+        """``owner``'s speculative final is no longer wanted as a final: if it is still queued
+        it leaves the queue (its caller gets ``None``); one that already runs goes on, and its
+        caller may still use what it says."""
+        job = self._speculative.pop(owner, None)
+        if job is not None:
+            job.finish()
+
     def _queue_per_owner(self, queue: dict[Hashable, _Job], job: _Job) -> None:
         """One queued job per owner: a newer one replaces it (its caller gets ``None``) and
         goes to the back of the line."""

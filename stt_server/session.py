@@ -109,6 +109,9 @@ class _Speculation:
     done: trio.Event = attrs.Factory(trio.Event)
     #: None until it succeeds: failed, cancelled or replaced all leave it so.
     transcript: Transcript | None = None
+    #: Speech resumed while it ran: no final, but its text, when it comes, is the utterance so
+    #: far, decoded with context, and is shown as a partial rather than thrown away.
+    resumed: bool = False
 
 
 @attrs.frozen
@@ -579,7 +582,7 @@ class Session:
             self._speculate(event)
             return
         if isinstance(event, SpeechResumed):
-            self._drop_speculation("speech resumed")
+            self._speech_resumed()
             return
         self._put_all(self._dialect.utterance_ended(event.utterance_id, event.end, event.reason))
         # A partial of an utterance that has just ended is wasted work: drop it, queued or running.
@@ -626,9 +629,9 @@ class Session:
         self._nursery.start_soon(self._run_speculation, speculation, paused.audio)
 
     async def _run_speculation(self, speculation: _Speculation, audio: np.ndarray) -> None:
+        request, options = self._request(audio, final=True)
+        options = attrs.evolve(options, speculative=True)
         with speculation.scope:
-            request, options = self._request(audio, final=True)
-            options = attrs.evolve(options, speculative=True)
             try:
                 with trio.fail_after(self._config.inference_timeout):
                     speculation.transcript = await self._engine.transcribe(
@@ -637,6 +640,28 @@ class Session:
             except Exception:  # the real final will try again, and report what fails then
                 pass
         speculation.done.set()
+        if speculation.resumed and speculation.transcript is not None:
+            self._show_partial(
+                speculation.utterance_id,
+                options.language,
+                options.task,
+                speculation.transcript.text,
+                speculation.samples,
+            )
+
+    def _speech_resumed(self) -> None:
+        """The pause was no endpoint, so the guess is no final. Still queued, it leaves the
+        queue; already running, it is left to end (its work cannot be taken back) and its
+        text shown as a partial (a tenth of the workers' time at 16 users went on guesses
+        dropped while they ran: docs/benchmarks.md, tenth round)."""
+        speculation = self._speculation
+        if speculation is None:
+            return
+        self._speculation = None
+        speculation.resumed = True
+        self._engine.withdraw_speculative(self)
+        self._metrics.speculative_finals.labels("discarded").inc()
+        log.debug("session %s: speculative final dropped (speech resumed)", self.session_id)
 
     def _drop_speculation(self, why: str) -> None:
         if self._speculation is not None:
@@ -816,24 +841,37 @@ class Session:
                     log.debug("session %s partial failed: %r", self.session_id, exc)
             self._partial_in_flight = None
             self._metrics.observe_transcription(transcript, final=False)
-            if transcript is None or not transcript.text:
+            if transcript is None:
                 continue
-            # Shown only while its utterance is still open and no earlier final is owed, so the
-            # client never sees realtime(n) after completed(n) or before completed(n-1).
-            if due.utterance_id != self._segmenter.open_utterance_id or self._finals_pending:
-                continue
-            self._last_partial_latency = trio.current_time() - asked_at
-            self._metrics.partial_latency.observe(self._last_partial_latency)
-            self._shown_partial = _ShownPartial(
+            if self._show_partial(
                 due.utterance_id, options.language, options.task, transcript.text, due.audio.size
-            )
-            self._observe_cadence(due.utterance_id)
-            # Rendered when the emitter takes it: a dialect that appends (OpenAI's deltas)
-            # computes it against what the client has really been sent.
-            self._outbox.put_partial(
-                functools.partial(self._dialect.partial, transcript.text, due.utterance_id),
-                due.utterance_id,
-            )
+            ):
+                self._last_partial_latency = trio.current_time() - asked_at
+                self._metrics.partial_latency.observe(self._last_partial_latency)
+
+    def _show_partial(
+        self, utterance_id: int, language: str | None, task: str, text: str, samples: int
+    ) -> bool:
+        """Send ``text``, decoded on the first ``samples`` of the utterance, as its partial;
+        False where it is not shown."""
+        if not text:
+            return False
+        # Shown only while its utterance is still open and no earlier final is owed, so the
+        # client never sees realtime(n) after completed(n) or before completed(n-1); and never
+        # after a partial of more of the utterance (a guess at a final can end after one).
+        if utterance_id != self._segmenter.open_utterance_id or self._finals_pending:
+            return False
+        shown = self._shown_partial
+        if shown is not None and shown.utterance_id == utterance_id and shown.samples >= samples:
+            return False
+        self._shown_partial = _ShownPartial(utterance_id, language, task, text, samples)
+        self._observe_cadence(utterance_id)
+        # Rendered when the emitter takes it: a dialect that appends (OpenAI's deltas)
+        # computes it against what the client has really been sent.
+        self._outbox.put_partial(
+            functools.partial(self._dialect.partial, text, utterance_id), utterance_id
+        )
+        return True
 
     def _observe_cadence(self, utterance_id: int) -> None:
         now = trio.current_time()

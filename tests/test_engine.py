@@ -330,6 +330,34 @@ async def test_speculative_finals_come_after_finals_before_partials_and_one_at_a
     assert model.calls == ["final:1", "final:6", "final:4", "partial:5"]
 
 
+async def test_a_guess_withdrawn_leaves_the_queue_but_one_running_still_answers() -> None:
+    model = GatedModel()
+    engine = Engine(model, device="cpu", workers=1)
+    guess = TranscribeOptions(final=True, speculative=True)
+    results: dict[str, object] = {}
+    ask = asker(engine, results)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        nursery.start_soon(ask, "a-running", 1, guess, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "b-queued", 2, guess, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        # Both speakers went on talking: neither guess is a final any more.
+        engine.withdraw_speculative("a")
+        engine.withdraw_speculative("b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == {"b-queued": None}  # left the queue at once, never to run
+        model.gate.set()
+        with trio.fail_after(30):
+            await wait_until(lambda: "a-running" in results)
+        nursery.cancel_scope.cancel()
+    # a's guess was already running: its caller still gets what it says.
+    assert results["a-running"].text == "final:1"
+    assert model.calls == ["final:1"]
+    assert engine.statistics().unused_seconds == {}
+
+
 async def test_a_guess_at_a_final_may_take_the_worker_kept_for_finals() -> None:
     model = GatedModel()
     engine = Engine(model, device="cpu", workers=2)

@@ -32,19 +32,27 @@ FINAL_COST = 0.5
 class SlowModel:
     name: str = "slow"
     finals: list[int] = attrs.Factory(list)
+    final_cost: float = FINAL_COST
+    partials: bool = False  # answer partials at once with ``p<samples>``, else with nothing
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> str:
         if not options.final:
-            return ""
-        time.sleep(FINAL_COST)
+            return f"p{audio.size}" if self.partials else ""
+        time.sleep(self.final_cost)
         with self._lock:
             self.finals.append(audio.size)
         return f"n{audio.size}"
 
 
-async def run(speech_model, samples: np.ndarray, speculative: bool):
-    model = SlowModel()
+async def run(
+    speech_model,
+    samples: np.ndarray,
+    speculative: bool,
+    metric: bytes = b"",
+    model: SlowModel | None = None,
+):
+    model = model or SlowModel()
     config = Config(
         host="127.0.0.1",
         port=0,
@@ -64,7 +72,11 @@ async def run(speech_model, samples: np.ndarray, speculative: bool):
             )
         nursery.cancel_scope.cancel()
     counts = dict(re.findall(rb'stt_speculative_finals_total\{outcome="(\w+)"\} (\d+)', metrics))
-    return result, model, {k.decode(): int(float(v)) for k, v in counts.items()}
+    counts = {k.decode(): int(float(v)) for k, v in counts.items()}
+    if metric:  # one more sample of /metrics, by its name and labels
+        (value,) = re.findall(re.escape(metric) + rb" ([0-9.e+-]+)", metrics)
+        counts[metric.decode()] = float(value)
+    return result, model, counts
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -98,6 +110,40 @@ async def test_speech_after_a_pause_throws_the_speculative_final_away(speech_mod
     assert abs(int(final["text"][1:]) - size) <= 200
     assert int(final["text"][1:]) > speech.size + 0.38 * 16000  # both readings, not the first
     assert counts.get("discarded", 0) >= 1 and counts.get("used", 0) == 1, counts
+
+
+async def test_a_guess_that_runs_when_speech_resumes_is_shown_as_a_partial(speech_model, clip):
+    speech = clip("ldc93s1.wav")[: int(2.0 * 16000)]
+    samples = np.concatenate([speech, silence(0.38), speech, silence(2.5)])
+    unused = b'stt_engine_unused_seconds_total{device="cpu",kind="guess"}'
+    result, model, counts = await run(speech_model, samples, speculative=True, metric=unused)
+    (final,) = result.finals
+    # The guess at the pause was decoded (the fake model answers partials with nothing, so
+    # this is the only realtime message) and shown, before the utterance's completed.
+    (partial,) = result.partials
+    guessed = int(partial["text"][1:])
+    assert abs(guessed - (speech.size + 0.3 * 16000)) <= 1600  # the audio to the pause
+    assert guessed in model.finals and guessed < int(final["text"][1:])
+    order = [m["type"] for _, m in result.messages if m["type"] in ("realtime", "completed")]
+    assert order == ["realtime", "completed"]
+    # Its answer was read: no worker time thrown away.
+    assert counts[unused.decode()] == 0 and counts.get("discarded", 0) >= 1
+
+
+async def test_a_guess_that_ends_after_a_newer_partial_is_not_shown(speech_model, clip):
+    speech = clip("ldc93s1.wav")[: int(2.0 * 16000)]
+    samples = np.concatenate([speech, silence(0.38), speech, silence(2.5)])
+    # The guess at the pause takes 1.5 s; partials of the resumed speech, of more audio,
+    # are shown before it ends.
+    model = SlowModel(final_cost=1.5, partials=True)
+    result, _, _ = await run(speech_model, samples, speculative=True, model=model)
+    shown = [(p["text"][0], int(p["text"][1:])) for p in result.partials]
+    guessed = min(model.finals)
+    assert any(size > guessed for _, size in shown)  # partials of more audio came first
+    # Never text of less of the utterance after text of more: the guess is not shown.
+    assert ("n", guessed) not in shown
+    sizes = [size for _, size in shown]
+    assert sizes == sorted(sizes), shown
 
 
 @pytest.fixture
