@@ -178,6 +178,7 @@ def profile_line(first: Sample, last: Sample) -> str:
         f"  requests per model call {requests / max(calls, 1):.2f};"
         f"  guesses used {delta.get('stt_speculative_finals_total:used', 0.0):.0f},"
         f" thrown away {delta.get('stt_speculative_finals_total:discarded', 0.0):.0f}"
+        f" (shown as partials {delta.get('stt_speculative_finals_total:shown', 0.0):.0f})"
     )
 
 

@@ -54,7 +54,8 @@ class Metrics:
         self.speculative_finals = Counter(
             "stt_speculative_finals",
             "Finals decoded while an endpoint's silence was still being waited for, by outcome "
-            "(used; discarded because speech resumed; failed and decoded again)",
+            "(used; discarded because speech resumed; failed and decoded again; shown: of the "
+            "discarded, those whose text was shown as a partial of the utterance going on)",
             ["outcome"],
             registry=r,
         )

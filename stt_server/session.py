@@ -109,9 +109,13 @@ class _Speculation:
     done: trio.Event = attrs.Factory(trio.Event)
     #: None until it succeeds: failed, cancelled or replaced all leave it so.
     transcript: Transcript | None = None
-    #: Speech resumed while it ran: no final, but its text, when it comes, is the utterance so
-    #: far, decoded with context, and is shown as a partial rather than thrown away.
+    #: Speech resumed before the endpoint: no final, but its text, when it comes, is the
+    #: utterance so far, decoded with context, and is shown as a partial rather than thrown
+    #: away.
     resumed: bool = False
+    #: What it was decoded in (the language None where the model detected it).
+    language: str | None = None
+    task: str = "transcribe"
 
 
 @attrs.frozen
@@ -629,8 +633,14 @@ class Session:
         self._nursery.start_soon(self._run_speculation, speculation, paused.audio)
 
     async def _run_speculation(self, speculation: _Speculation, audio: np.ndarray) -> None:
+        if speculation.resumed:
+            # Speech came back before this task got to run: nothing to guess. (From here to
+            # the job being queued there is no checkpoint, so a later resume finds it queued.)
+            speculation.done.set()
+            return
         request, options = self._request(audio, final=True)
         options = attrs.evolve(options, speculative=True)
+        speculation.language, speculation.task = options.language, options.task
         with speculation.scope:
             try:
                 with trio.fail_after(self._config.inference_timeout):
@@ -640,20 +650,14 @@ class Session:
             except Exception:  # the real final will try again, and report what fails then
                 pass
         speculation.done.set()
-        if speculation.resumed and speculation.transcript is not None:
-            self._show_partial(
-                speculation.utterance_id,
-                options.language,
-                options.task,
-                speculation.transcript.text,
-                speculation.samples,
-            )
+        if speculation.resumed:
+            self._show_guess(speculation)
 
     def _speech_resumed(self) -> None:
         """The pause was no endpoint, so the guess is no final. Still queued, it leaves the
-        queue; already running, it is left to end (its work cannot be taken back) and its
-        text shown as a partial (a tenth of the workers' time at 16 users went on guesses
-        dropped while they ran: docs/benchmarks.md, tenth round)."""
+        queue; already running, it is left to end (its work cannot be taken back); its text,
+        now or when it ends, is shown as a partial (a tenth of the workers' time at 16 users
+        went on guesses dropped while they ran: docs/benchmarks.md, tenth round)."""
         speculation = self._speculation
         if speculation is None:
             return
@@ -662,6 +666,21 @@ class Session:
         self._engine.withdraw_speculative(self)
         self._metrics.speculative_finals.labels("discarded").inc()
         log.debug("session %s: speculative final dropped (speech resumed)", self.session_id)
+        if speculation.done.is_set():
+            self._show_guess(speculation)
+
+    def _show_guess(self, speculation: _Speculation) -> None:
+        """A guess at a final that speech overtook, as the utterance's partial."""
+        transcript = speculation.transcript
+        if transcript is None:
+            return
+        # Decoded with the language detected, the text is in the one the partials will use.
+        language = speculation.language or transcript.language
+        if self._show_partial(
+            speculation.utterance_id, language, speculation.task, transcript.text,
+            speculation.samples,
+        ):  # fmt: skip
+            self._metrics.speculative_finals.labels("shown").inc()
 
     def _drop_speculation(self, why: str) -> None:
         if self._speculation is not None:

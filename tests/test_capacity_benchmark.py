@@ -149,6 +149,7 @@ def test_the_profile_covers_only_the_time_when_every_client_streamed(capacity) -
                 "stt_engine_batched_requests_total": 260.0,
                 "stt_speculative_finals_total:used": 84.0,
                 "stt_speculative_finals_total:discarded": 16.0,
+                "stt_speculative_finals_total:shown": 9.0,
                 "process_cpu_seconds_total": 176.0,
             },
             own_cpu=5.0,
@@ -165,4 +166,4 @@ def test_the_profile_covers_only_the_time_when_every_client_streamed(capacity) -
     assert "workers busy: final 0.50  guess 1.00  partial 0.50 (sum 2.00)" in line
     assert "of it unread: guess 0.10  partial 0.03;" in line
     assert "requests per model call 2.50" in line
-    assert "guesses used 80, thrown away 16" in line
+    assert "guesses used 80, thrown away 16 (shown as partials 9)" in line

@@ -51,6 +51,7 @@ async def run(
     speculative: bool,
     metric: bytes = b"",
     model: SlowModel | None = None,
+    chunk_seconds: float = 0.1,
 ):
     model = model or SlowModel()
     config = Config(
@@ -66,7 +67,9 @@ async def run(
     async with trio.open_nursery() as nursery:
         server = await nursery.start(functools.partial(serve, config, model=model))
         with trio.fail_after(60):
-            result = await stream_audio(f"ws://127.0.0.1:{server.port}/", samples)
+            result = await stream_audio(
+                f"ws://127.0.0.1:{server.port}/", samples, chunk_seconds=chunk_seconds
+            )
             metrics = await hostile.exchange(
                 server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
             )
@@ -116,7 +119,12 @@ async def test_a_guess_that_runs_when_speech_resumes_is_shown_as_a_partial(speec
     speech = clip("ldc93s1.wav")[: int(2.0 * 16000)]
     samples = np.concatenate([speech, silence(0.38), speech, silence(2.5)])
     unused = b'stt_engine_unused_seconds_total{device="cpu",kind="guess"}'
-    result, model, counts = await run(speech_model, samples, speculative=True, metric=unused)
+    # The guess takes 1 s: it runs when speech resumes, 0.08 s after the pause reached
+    # speech_pad, and ends long before the utterance does.
+    model = SlowModel(final_cost=1.0)
+    result, _, counts = await run(
+        speech_model, samples, speculative=True, metric=unused, model=model
+    )
     (final,) = result.finals
     # The guess at the pause was decoded (the fake model answers partials with nothing, so
     # this is the only realtime message) and shown, before the utterance's completed.
@@ -126,8 +134,23 @@ async def test_a_guess_that_runs_when_speech_resumes_is_shown_as_a_partial(speec
     assert guessed in model.finals and guessed < int(final["text"][1:])
     order = [m["type"] for _, m in result.messages if m["type"] in ("realtime", "completed")]
     assert order == ["realtime", "completed"]
-    # Its answer was read: no worker time thrown away.
-    assert counts[unused.decode()] == 0 and counts.get("discarded", 0) >= 1
+    # Its answer was read: no worker time thrown away; no final, but shown.
+    assert counts[unused.decode()] == 0
+    assert counts.get("discarded", 0) >= 1 and counts.get("shown", 0) == 1
+
+
+async def test_a_guess_done_before_speech_resumes_is_shown_when_it_does(speech_model, clip):
+    speech = clip("ldc93s1.wav")[: int(2.0 * 16000)]
+    # A 0.8 s pause: the guess (0.05 s) is done long before speech comes back, and min_silence
+    # (1.5 s here) keeps the utterance open.
+    samples = np.concatenate([speech, silence(0.8), speech, silence(2.5)])
+    model = SlowModel(final_cost=0.05)
+    result, _, counts = await run(speech_model, samples, speculative=True, model=model)
+    (final,) = result.finals
+    (partial,) = result.partials
+    guessed = int(partial["text"][1:])
+    assert guessed == min(model.finals) < int(final["text"][1:])
+    assert counts.get("shown", 0) == 1 and counts.get("used", 0) == 1
 
 
 async def test_a_guess_that_ends_after_a_newer_partial_is_not_shown(speech_model, clip):
@@ -144,6 +167,20 @@ async def test_a_guess_that_ends_after_a_newer_partial_is_not_shown(speech_model
     assert ("n", guessed) not in shown
     sizes = [size for _, size in shown]
     assert sizes == sorted(sizes), shown
+
+
+async def test_a_guess_overtaken_before_it_is_queued_is_never_decoded(speech_model, clip):
+    speech = clip("ldc93s1.wav")[: int(2.0 * 16000)]
+    samples = np.concatenate([speech, silence(0.38), speech, silence(2.5)])
+    # One-second messages: the pause and the speech after it arrive in one, so the session
+    # hears the pause reach speech_pad and the speech come back before the guess's task runs.
+    model = SlowModel()
+    result, _, counts = await run(
+        speech_model, samples, speculative=True, model=model, chunk_seconds=1.0
+    )
+    (final,) = result.finals
+    assert model.finals == [int(final["text"][1:])]  # the final alone was decoded
+    assert result.partials == [] and counts.get("discarded", 0) == 1
 
 
 @pytest.fixture
