@@ -676,10 +676,8 @@ class Session:
             return
         # Decoded with the language detected, the text is in the one the partials will use.
         language = speculation.language or transcript.language
-        if self._show_partial(
-            speculation.utterance_id, language, speculation.task, transcript.text,
-            speculation.samples,
-        ):  # fmt: skip
+        utterance_id, samples = speculation.utterance_id, speculation.samples
+        if self._show_partial(utterance_id, language, speculation.task, transcript.text, samples):
             self._metrics.speculative_finals.labels("shown").inc()
 
     def _drop_speculation(self, why: str) -> None:
