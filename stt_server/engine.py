@@ -260,8 +260,8 @@ class Engine:
         self._failures = 0
         self._batches = 0
         self._batched = 0
-        self._busy_seconds: dict[str, float] = {}
-        self._unused_seconds: dict[str, float] = {}
+        self._busy_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._unused_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         #: Told the outcome of every inference (None = success); feeds the device's breaker.
         self.on_outcome: Callable[[BaseException | None], None] = lambda exc: None
 
@@ -424,9 +424,9 @@ class Engine:
         self._batched += len(batch)
         elapsed = self._clock() - started
         kind = self._kind(batch[0])
-        self._busy_seconds[kind] = self._busy_seconds.get(kind, 0.0) + elapsed
+        self._busy_seconds[kind] += elapsed
         if all(job.abandoned for job in batch):
-            self._unused_seconds[kind] = self._unused_seconds.get(kind, 0.0) + elapsed
+            self._unused_seconds[kind] += elapsed
         if isinstance(results, BaseException):
             # The call itself failed: one outcome for the breaker, and each caller gets an
             # exception of its own (one object raised in several tasks would share state).

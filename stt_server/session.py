@@ -658,14 +658,11 @@ class Session:
         queue; already running, it is left to end (its work cannot be taken back); its text,
         now or when it ends, is shown as a partial (a tenth of the workers' time at 16 users
         went on guesses dropped while they ran: docs/benchmarks.md, tenth round)."""
-        speculation = self._speculation
+        speculation = self._discard_speculation("speech resumed")
         if speculation is None:
             return
-        self._speculation = None
         speculation.resumed = True
         self._engine.withdraw_speculative(self)
-        self._metrics.speculative_finals.labels("discarded").inc()
-        log.debug("session %s: speculative final dropped (speech resumed)", self.session_id)
         if speculation.done.is_set():
             self._show_guess(speculation)
 
@@ -681,11 +678,17 @@ class Session:
             self._metrics.speculative_finals.labels("shown").inc()
 
     def _drop_speculation(self, why: str) -> None:
-        if self._speculation is not None:
-            self._speculation.scope.cancel()
-            self._speculation = None
+        speculation = self._discard_speculation(why)
+        if speculation is not None:
+            speculation.scope.cancel()
+
+    def _discard_speculation(self, why: str) -> _Speculation | None:
+        """The guess, if any, is no final: forgotten as such, counted, and given back."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
             self._metrics.speculative_finals.labels("discarded").inc()
             log.debug("session %s: speculative final dropped (%s)", self.session_id, why)
+        return speculation
 
     async def _take_speculation(self, ended: UtteranceEnded) -> Transcript | None:
         """The speculative final for ``ended``, if one was decoded on exactly its audio."""
